@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny traced CNN, its observation graph and a pruning environment."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+warnings.filterwarnings("ignore", category=DeprecationWarning, module="tensorflow_probability")
+
+from sculpt_jax.config import use_fast_prng  # noqa: E402
+
+use_fast_prng()  # see its docstring: random ops otherwise compile for seconds each on XLA:CPU
+
+
+@pytest.fixture(scope="session")
+def tiny_setup():
+    """resnet8_tiny on 8x8x1 inputs with random weights, traced, with a filter-level GraphSpec."""
+    import jax
+    import jax.numpy as jnp
+
+    from sculpt_jax import graph, patterns, trace
+    from sculpt_jax.models import get_model, init_model
+
+    model = get_model("resnet8_tiny", num_classes=10)
+    variables = init_model(model, jax.random.PRNGKey(0), (8, 8, 1))
+    lg = trace.trace_model(model.apply, variables, jnp.zeros((1, 8, 8, 1)))
+    lib = patterns.get_library("reference6")
+    valid = np.stack([patterns.valid_patterns(layer, lib) for layer in lg.layers])
+    spec = graph.build_graph_spec(lg, n_patterns=lib.n_patterns, valid=valid)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(96, 8, 8, 1)).astype(np.float32)
+    labels = rng.integers(0, 10, size=(96,)).astype(np.int32)
+    calib = rng.normal(size=(2, 32, 8, 8, 1)).astype(np.float32)
+    return dict(model=model, variables=variables, graph=lg, spec=spec, library=lib,
+                images=images, labels=labels, calib=calib)  # fmt: skip
+
+
+def shared_data_file(name: str) -> str | None:
+    """Path of ../shared/data/<name> beside the repository, or None."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.path.join(here, "..", "..", "shared", "data", name)
+    return path if os.path.exists(path) else None
