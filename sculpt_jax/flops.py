@@ -1,0 +1,328 @@
+"""Exact MACs, FLOPs and parameter counts of dense and masked networks (layer 2).
+
+`count(graph, masks)` is jitted with the `LayerGraph` static and the masks traced, so evaluating a
+new mask set never retraces. It counts the TRUE work of the masked model (REFERENCE.md section 6,
+defect 2); `reference_flops_reduction` reproduces the AutoSculpt reference code's channel-pruning
+formula (REFERENCE.md section 5) for comparison and is labelled as such everywhere.
+
+Conventions (exact counts per example):
+* Masked MACs of a layer = ``n_positions * sum_{k,j,f} mask[k,j,f] * alive_in[in_feature(j,f)]``
+  over kernel cells k, per-filter input channels j and filters f (canonical layout, see
+  `patterns.kernel_to_canonical`). With groups g, kernel channel j of filter f reads input feature
+  ``(f // (F / g)) * (C_in / g) + j``.
+* Padding: every kernel cell is counted at every output position, exactly like the dense formula
+  ``Layer.macs = n_positions * kernel_cells * C_in / g * F`` (multiplications by padded zeros are
+  counted). So with no mask the masked count equals `Layer.macs`.
+* A filter is *alive* when any entry of its kernel mask is nonzero (`masking.pattern_ids_to_masks`
+  zeroes the affine entries of the others, so their output channel is exactly zero). An input
+  feature of a layer is alive when ANY of its `sources` feeds it from an alive channel: producer -1
+  (model input, channel-mixing ops) is always alive where it feeds; a channels entry -1 means "not
+  fed by this producer". Residual adds therefore keep a stream channel alive while any addend is
+  alive. A layer with no sources is treated as fed entirely by always-alive inputs.
+* FLOPs = 2 * MACs + `LayerGraph.other_flops` (non-prunable ops, constant under pruning).
+* Params: kernel entries with mask != 0, plus the affine entries (bias, BN scale/bias) of alive
+  filters, plus every other parameter (``total_params - kernel params - affine params``).
+
+Dtypes: per-layer cell counts are exact int32; totals of MACs/FLOPs are float32 (exact below 2**24,
+relative error ~1e-7 above); param counts are int32. `count_exact` gives exact Python ints
+(host-only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sculpt_jax import patterns as pat
+from sculpt_jax.tree_util import get_at
+from sculpt_jax.types import ALWAYS_ALIVE, Layer, LayerGraph
+
+
+def _check_layer(layer: Layer) -> tuple[int, int, int]:
+    k, i, f = pat.canonical_shape(layer)
+    g = layer.groups
+    if g < 1 or layer.in_features % g or f % g or i != layer.in_features // g:
+        raise ValueError(
+            f"layer {layer.name!r}: in_features={layer.in_features}, out_features={f}, groups={g} "
+            f"and {i} kernel input features per filter are inconsistent; fix the LayerGraph."
+        )
+    if layer.macs != layer.n_positions * k * i * f:
+        raise ValueError(
+            f"layer {layer.name!r}: macs={layer.macs} but n_positions*kernel_cells*C_in/g*F = "
+            f"{layer.n_positions * k * i * f}; fix the LayerGraph (trace.py)."
+        )
+    for src in layer.sources:
+        if len(src.channels) != layer.in_features:
+            raise ValueError(
+                f"layer {layer.name!r}: a source (producer {src.producer}) lists "
+                f"{len(src.channels)} channels for {layer.in_features} input features."
+            )
+    return k, i, f
+
+
+def _canonical_mask(graph_masks: Any, layer: Layer):
+    rel = pat.resolve_path(graph_masks, layer.kernel_path)
+    m = jnp.asarray(get_at(graph_masks, rel), jnp.float32)
+    return pat.kernel_to_canonical(m, layer)
+
+
+def _layer_counts(layer: Layer, kept, alive_in):
+    """Exact masked kernel cells (int32) of one layer, weighted by input aliveness.
+
+    Args: kept int32 ``[I, F]`` kept cells per (kernel input channel, filter); alive_in bool
+    ``[in_features]``. Kernel channel j of filter f reads input feature ``(f // (F / g)) * I + j``;
+    the per-filter aliveness ``[I, F]`` is built by a reshape and repeat (no gather).
+    """
+    i, f = kept.shape
+    g = layer.groups
+    alive = jnp.repeat(alive_in.reshape(g, i).T, f // g, axis=1)  # [I, F]
+    return jnp.sum(jnp.where(alive, kept, 0), dtype=jnp.int32)
+
+
+def _alive_in(layer: Layer, filter_alive: Sequence[Any]):
+    """bool ``[in_features]``: input features fed by at least one alive channel."""
+    if not layer.sources:
+        return jnp.ones((layer.in_features,), bool)
+    alive = None
+    for src in layer.sources:
+        ch = np.asarray(src.channels, np.int64)
+        fed = ch >= 0
+        if src.producer == ALWAYS_ALIVE:
+            a = jnp.asarray(fed)
+        else:
+            prod = filter_alive[src.producer]
+            if fed.all() and len(ch) == prod.shape[0] and np.array_equal(ch, np.arange(len(ch))):
+                a = prod  # identity wiring: no gather
+            else:
+                a = jnp.asarray(fed) & prod[np.clip(ch, 0, None)]
+        alive = a if alive is None else alive | a
+    return alive
+
+
+def alive_features(graph: LayerGraph, masks: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Which filters and input features of every layer are alive under `masks` (jittable).
+
+    Returns: (filter_alive, input_alive): per layer, bool ``[out_features]`` (any kernel-mask entry
+    of the filter nonzero) and bool ``[in_features]`` (fed by at least one alive channel, see the
+    module docstring). Dead input features are exactly zero in the masked model's forward pass.
+    """
+    filter_alive = tuple(
+        jnp.sum(_canonical_mask(masks, layer) != 0, axis=(0, 1)) > 0 for layer in graph.layers
+    )
+    return filter_alive, tuple(_alive_in(layer, filter_alive) for layer in graph.layers)
+
+
+def _affine_param_count(graph: LayerGraph) -> tuple[int, int, dict]:
+    """(kernel params, affine params, {affine path: owning layer}); shared paths counted once."""
+    kernels = {}
+    affine: dict = {}
+    for layer in graph.layers:
+        kernels[layer.kernel_path] = layer.params
+        for ap in layer.affine_paths:
+            affine.setdefault(ap, layer.index)
+    n_aff = sum(graph.layers[li].out_features for li in affine.values())
+    return sum(kernels.values()), n_aff, affine
+
+
+def _count(graph: LayerGraph, masks: Any = None) -> dict[str, jax.Array]:
+    shapes = [_check_layer(layer) for layer in graph.layers]
+    n_kernel, n_affine, affine = _affine_param_count(graph)
+    n_other = graph.total_params - n_kernel - n_affine
+    if n_other < 0:
+        raise ValueError(
+            f"LayerGraph.total_params={graph.total_params} is smaller than its prunable kernel "
+            f"({n_kernel}) + affine ({n_affine}) params; fix the LayerGraph (trace.py)."
+        )
+
+    if masks is None:  # dense: everything static (avoids folding big all-ones constants)
+        filter_alive = [jnp.ones((f,), bool) for _, _, f in shapes]
+        cells = [jnp.int32(k * i * f) for k, i, f in shapes]
+        kept_entries = [jnp.int32(n_kernel)]
+    else:
+        kept = []  # per layer int32 [I, F]: kept kernel cells of each (input channel, filter)
+        for layer in graph.layers:
+            kept.append(jnp.sum(_canonical_mask(masks, layer) != 0, axis=0, dtype=jnp.int32))
+        filter_alive = [jnp.sum(kp, axis=0) > 0 for kp in kept]
+        cells = [
+            _layer_counts(layer, kp, _alive_in(layer, filter_alive))
+            for layer, kp in zip(graph.layers, kept, strict=True)
+        ]
+        kept_entries = []
+        seen_kernels = set()
+        for layer, kp in zip(graph.layers, kept, strict=True):
+            if layer.kernel_path not in seen_kernels:
+                seen_kernels.add(layer.kernel_path)
+                kept_entries.append(jnp.sum(kp, dtype=jnp.int32))
+    layer_cells = jnp.stack(cells) if cells else jnp.zeros((0,), jnp.int32)
+    n_pos = jnp.asarray([layer.n_positions for layer in graph.layers], jnp.float32)
+    layer_masked_macs = layer_cells.astype(jnp.float32) * n_pos
+    layer_dense_macs = jnp.asarray([layer.macs for layer in graph.layers], jnp.float32)
+
+    dense_macs = jnp.asarray(float(graph.dense_macs), jnp.float32)
+    masked_macs = jnp.sum(layer_masked_macs)
+    other = jnp.asarray(float(graph.other_flops), jnp.float32)
+    dense_flops = 2.0 * dense_macs + other
+    masked_flops = 2.0 * masked_macs + other
+
+    alive_affine = sum(
+        (jnp.sum(filter_alive[li], dtype=jnp.int32) for li in affine.values()), jnp.int32(0)
+    )
+    masked_params = sum(kept_entries, jnp.int32(0)) + alive_affine + jnp.int32(n_other)
+    dense_params = jnp.int32(graph.total_params)
+
+    def reduction(masked, dense):
+        dense = jnp.asarray(dense, jnp.float32)
+        return jnp.where(dense > 0, 1.0 - jnp.asarray(masked, jnp.float32) / dense, 0.0)
+
+    return {
+        "dense_macs": dense_macs,
+        "masked_macs": masked_macs,
+        "dense_flops": dense_flops,
+        "masked_flops": masked_flops,
+        "dense_params": dense_params,
+        "masked_params": masked_params,
+        "macs_reduction": reduction(masked_macs, dense_macs),
+        "flops_reduction": reduction(masked_flops, dense_flops),
+        "params_reduction": reduction(masked_params, dense_params),
+        "layer_dense_macs": layer_dense_macs,
+        "layer_masked_macs": layer_masked_macs,
+        "layer_masked_cells": layer_cells,
+        "layer_alive_filters": jnp.stack([jnp.sum(a, dtype=jnp.int32) for a in filter_alive])
+        if filter_alive
+        else jnp.zeros((0,), jnp.int32),
+    }
+
+
+count: Callable[..., dict[str, jax.Array]] = jax.jit(_count, static_argnames=("graph",))
+count.__doc__ = """Exact dense and masked MACs, FLOPs and params of a model (jitted, graph static).
+
+Args:
+  graph: `LayerGraph` (static; hashable).
+  masks: mask pytree mirroring the params or variables (float 0/1), or None for the dense model.
+Returns: dict of jnp values: dense_macs, masked_macs, dense_flops, masked_flops (float32 scalars);
+  dense_params, masked_params (int32); macs_reduction, flops_reduction, params_reduction (float32,
+  1 - masked/dense); layer_dense_macs, layer_masked_macs (float32 [L]); layer_masked_cells (int32
+  [L], masked MACs / n_positions, exact); layer_alive_filters (int32 [L]).
+A second call with the same graph and mask shapes does not retrace. See the module docstring.
+"""
+
+
+def make_counter(graph: LayerGraph) -> Callable[[Any], dict[str, jax.Array]]:
+    """``masks -> count(graph, masks)`` (jitted through `count`; no retrace across mask values)."""
+    return lambda masks=None: count(graph, masks)
+
+
+def count_exact(graph: LayerGraph, masks: Any = None) -> dict[str, int | float]:
+    """`count` with MACs/FLOPs/params as exact Python ints and reductions as floats (host-only)."""
+    c = count(graph, masks)
+    cells = np.asarray(c["layer_masked_cells"]).tolist()
+    masked_macs = sum(
+        int(n) * layer.n_positions for n, layer in zip(cells, graph.layers, strict=True)
+    )
+    dense_macs = graph.dense_macs
+    masked_flops = 2 * masked_macs + graph.other_flops
+    dense_flops = graph.dense_flops
+    masked_params = int(c["masked_params"])
+    dense_params = graph.total_params
+
+    def red(m, d):
+        return 1.0 - m / d if d else 0.0
+
+    return {
+        "dense_macs": dense_macs,
+        "masked_macs": masked_macs,
+        "dense_flops": dense_flops,
+        "masked_flops": masked_flops,
+        "dense_params": dense_params,
+        "masked_params": masked_params,
+        "macs_reduction": red(masked_macs, dense_macs),
+        "flops_reduction": red(masked_flops, dense_flops),
+        "params_reduction": red(masked_params, dense_params),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference (AutoSculpt code) formula -- for comparison only, NOT the true FLOPs.
+
+
+def reference_conv_flops(layer: Layer) -> int:
+    """REFERENCE FORMULA per-conv FLOPs (REFERENCE.md section 5; k^2 = kernel cells), host-only:
+    ``H_out * W_out * (C_in * (2 k^2 - 1) + 1) * C_out / groups``."""
+    hw = int(np.prod(layer.out_spatial, dtype=np.int64)) if layer.out_spatial else 1
+    return (
+        hw
+        * (layer.in_features * (2 * layer.kernel_cells - 1) + 1)
+        * layer.out_features
+        // (layer.groups)
+    )
+
+
+def _reference_pruned_fraction(layer: Layer, ids, lib: pat.PatternLibrary):
+    """Mean pruned fraction r_l of a layer from its pattern ids (as the reference reads them)."""
+    ids = jnp.asarray(ids, jnp.int32)
+    ids = jnp.where((ids >= 0) & (ids < lib.n_patterns), ids, lib.keep_id)  # padding -> keep
+    if bool(pat.valid_patterns(layer, lib).all()):
+        return jnp.mean(jnp.asarray(lib.pruned_fraction)[ids])
+    if not lib.has_remove:
+        return jnp.float32(0.0)
+    return jnp.mean((ids == lib.remove_id).astype(jnp.float32))
+
+
+def _is_pattern_ids(x: Any) -> bool:
+    if isinstance(x, Mapping):
+        return all(isinstance(k, (int, np.integer)) for k in x)
+    return isinstance(x, (tuple, list))
+
+
+def _reference_flops_reduction(
+    graph: LayerGraph,
+    masks_or_pattern_ids: Any,
+    library: str | pat.PatternLibrary = "reference6",
+) -> jax.Array:
+    """REFERENCE FORMULA FLOPs reduction (AutoSculpt code, REFERENCE.md sec. 5) -- NOT true FLOPs.
+
+    Over the conv layers only, in graph order (1x1 and unpruned convs included, as the reference
+    does): ``F_l = H_out W_out (C_in (2k^2 - 1) + 1) C_out / groups``, r_l = mean pruned fraction of
+    layer l (pattern `pruned_fraction` of each filter's id, or ``1 - mean(kernel mask)`` from
+    masks), ``P_0 = F_0 r_0``, ``P_l = F_l (r_{l-1} + r_l - r_{l-1} r_l)``; returns
+    ``sum P / sum F`` (float32). This treats pattern sparsity as channel removal (e.g. 0.555 for
+    ResNet-56 with every 3x3 filter at a 1/3 pattern, where the true 3x3-MAC reduction is 1/3).
+    Jitted; `graph` and `library` static.
+
+    Args:
+      masks_or_pattern_ids: a mask pytree (mirroring params/variables), or pattern ids as in
+        `masking.pattern_ids_to_masks` ({layer_index: ids} or a per-layer tuple; missing = keep).
+      library: pattern library of the ids (unused for masks).
+    """
+    lib = pat.get_library(library)
+    convs = [layer for layer in graph.layers if layer.kind == "conv"]
+    if not convs:
+        return jnp.float32(0.0)
+    if _is_pattern_ids(masks_or_pattern_ids):
+        ids = masks_or_pattern_ids
+        if not isinstance(ids, Mapping):
+            ids = {i: v for i, v in enumerate(ids) if v is not None}
+        rs = [
+            _reference_pruned_fraction(layer, ids[layer.index], lib)
+            if layer.index in ids
+            else jnp.float32(0.0)
+            for layer in convs
+        ]
+    else:
+        rs = [1.0 - jnp.mean(_canonical_mask(masks_or_pattern_ids, layer)) for layer in convs]
+    fl = [float(reference_conv_flops(layer)) for layer in convs]
+    pruned = fl[0] * rs[0]
+    for l_ in range(1, len(convs)):
+        r_prev, r = rs[l_ - 1], rs[l_]
+        pruned = pruned + fl[l_] * (r_prev + r - r_prev * r)
+    return jnp.asarray(pruned / sum(fl), jnp.float32)
+
+
+reference_flops_reduction = jax.jit(
+    _reference_flops_reduction, static_argnames=("graph", "library")
+)
+reference_flops_reduction.__doc__ = _reference_flops_reduction.__doc__
