@@ -1,0 +1,475 @@
+"""Checkpoints and small files: a thin Orbax wrapper plus JSON helpers (layer 1).
+
+One of the few modules that touch the filesystem (DESIGN.md section 2); everything is host-only.
+
+* `Checkpointer`: numbered steps in one directory, each step an Orbax composite of a pytree
+  ("state", `StandardSave`) and a JSON dict ("meta", `JsonSave`). Orbax writes a step into a
+  temporary folder and renames it when complete, so a killed save never leaves a half-written step
+  that looks valid.
+  Restores use an abstract target (`jax.ShapeDtypeStruct` per leaf) so that optax states come back
+  as their NamedTuple types and arrays with the target's sharding; round trips are bit-identical.
+* `save_pytree` / `load_pytree`: one pytree at one path (exports of final params and masks).
+* `save_json` / `load_json` / `append_jsonl` / `read_jsonl` / `write_jsonl`: summaries and metrics,
+  written atomically (temporary file + rename) where a whole file is written.
+
+Errors: restoring into a target of another tree or shape raises `CheckpointMismatchError` (a
+ValueError) naming the first differing path; a step that cannot be read raises
+`CorruptCheckpointError` naming its folder (delete it to fall back to the previous step, or use
+`Checkpointer.restore_latest_valid`, which falls back by itself and never deletes anything).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from sculpt_jax.tree_util import path_of
+
+__all__ = [
+    "CheckpointMismatchError",
+    "Checkpointer",
+    "CorruptCheckpointError",
+    "append_jsonl",
+    "load_json",
+    "load_pytree",
+    "read_jsonl",
+    "save_json",
+    "save_pytree",
+    "to_jsonable",
+    "write_jsonl",
+]
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tree/shapes differ from the restore target (another model or config)."""
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint step exists but cannot be read (partial copy, deleted or truncated files)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON helpers.
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Converts numpy/jax scalars and arrays, tuples and nested mappings to plain JSON values.
+
+    Non-finite floats become the strings "nan", "inf", "-inf" (strict JSON has no such numbers).
+    """
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (jax.Array, np.ndarray, np.generic)):
+        arr = np.asarray(obj)
+        return to_jsonable(arr.item() if arr.ndim == 0 else arr.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
+    """Writes `obj` (made JSON-able with `to_jsonable`) to `path` atomically (tmp file + rename)."""
+    _atomic_write_text(os.fspath(path), json.dumps(to_jsonable(obj), indent=indent) + "\n")
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Reads a JSON file; FileNotFoundError / ValueError naming the path when absent / invalid."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"JSON file {path!r} not found; check the path or the --workdir.")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path!r} is not valid JSON ({e}); delete or regenerate it.") from e
+
+
+def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
+    """Appends one JSON line (a metrics record) to `path`, creating folders as needed."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(to_jsonable(record)) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, records: list[Mapping[str, Any]]) -> None:
+    """Replaces `path` by the given JSON lines, atomically (an empty list truncates the file)."""
+    _atomic_write_text(os.fspath(path), "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """All records of a JSON-lines file ([] if it does not exist); a torn last line is skipped."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:  # a write cut short by a kill
+                logging.warning("%s: skipping a torn last line", path)
+                break
+            raise ValueError(f"{path!r} line {i + 1} is not valid JSON ({e})") from e
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tree comparison for clear mismatch errors.
+
+
+def _abstract(x: Any) -> Any:
+    """A leaf -> `jax.ShapeDtypeStruct` (keeps its sharding); Python scalars pass through."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return ocp.utils.to_shape_dtype_struct(x)
+    return x
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    out = {}
+    for kp, leaf in leaves:
+        shape = tuple(getattr(leaf, "shape", ()) or ())
+        dtype = getattr(leaf, "dtype", None)
+        out["/".join(path_of(kp))] = (shape, str(np.dtype(dtype)) if dtype is not None else "")
+    return out
+
+
+def tree_mismatch(stored: Any, target: Any) -> str | None:
+    """The first difference between a stored tree (Orbax metadata or arrays) and a target.
+
+    Paths are compared as "/"-joined strings (NamedTuple fields by name, sequences by index), so an
+    optax state compares equal to its on-disk dict/list form. Returns None when structure, shapes
+    and dtypes agree, else one sentence naming the first differing path.
+    """
+    s, t = _shapes_by_path(stored), _shapes_by_path(target)
+    for path, (shape, dtype) in t.items():
+        if path not in s:
+            return f"path {path!r} of the target is not in the checkpoint"
+        s_shape, s_dtype = s[path]
+        if s_shape != shape:
+            return f"path {path!r} has shape {s_shape} in the checkpoint but {shape} in the target"
+        if dtype and s_dtype and s_dtype != dtype:
+            return f"path {path!r} has dtype {s_dtype} in the checkpoint but {dtype} in the target"
+    for path in s:
+        if path not in t:
+            return f"path {path!r} of the checkpoint is not in the target"
+    return None
+
+
+_MISMATCH_HINTS = ("tree structures do not match", "not compatible with the stored shape")
+
+
+# ----------------------------------------------------------------------------------------------
+# The step checkpointer.
+
+
+class Checkpointer:
+    """Numbered checkpoints (pytree + JSON meta) in one directory, around `ocp.CheckpointManager`.
+
+    Args:
+      directory: folder of the step subfolders (made absolute; created if missing).
+      max_to_keep: newest steps kept; older ones are removed by Orbax after each save.
+      overwrite: remove every existing step (and unfinished or quarantined ones) in `directory`
+        first; other files there are left alone.
+      async_save: let Orbax write in a background thread (call `wait()` before reading). Off by
+        default: train steps donate their state buffers, so a blocking save is the safe choice.
+
+    Host-only. Usable as a context manager (closes on exit).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        max_to_keep: int | None = 3,
+        *,
+        overwrite: bool = False,
+        async_save: bool = False,
+    ):
+        self.directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise NotADirectoryError(
+                f"checkpoint directory {self.directory!r} is a file; pass a folder (--workdir)."
+            )
+        if overwrite and os.path.isdir(self.directory):
+            for name in os.listdir(self.directory):  # only what checkpointing wrote
+                if name.isdigit() or ".orbax-checkpoint-tmp" in name or name.startswith("corrupt-"):
+                    shutil.rmtree(os.path.join(self.directory, name))
+        os.makedirs(self.directory, exist_ok=True)
+        self._bad_steps: set[int] = set()
+        self._mgr = self._make_manager(max_to_keep, async_save)
+        self._max_to_keep, self._async = max_to_keep, async_save
+
+    def _make_manager(self, max_to_keep, async_save) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    # -- queries ----------------------------------------------------------------------------
+    def all_steps(self) -> list[int]:
+        """Committed steps, ascending (temporary folders of unfinished saves are not steps)."""
+        return sorted(int(s) for s in self._mgr.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None when there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def step_dir(self, step: int) -> str:
+        """The folder holding `step`."""
+        return os.path.join(self.directory, str(int(step)))
+
+    # -- save -------------------------------------------------------------------------------
+    def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None) -> None:
+        """Saves `state` (a pytree of arrays) and `meta` (JSON-able dict) as `step`, atomically.
+
+        A step found unreadable by this object earlier (see `restore_latest_valid`) is moved aside
+        to ``corrupt-<step>-<time>`` (not deleted) before being written again.
+
+        Raises:
+          ValueError: `step` already exists (a finished run or another job's folder: use a fresh
+            --workdir or --overwrite).
+        """
+        step = int(step)
+        if step in self.all_steps():
+            if step not in self._bad_steps:
+                raise ValueError(
+                    f"checkpoint step {step} already exists in {self.directory!r}; use a fresh "
+                    "--workdir (or --overwrite to discard the old run)."
+                )
+            self._quarantine(step)
+        self._mgr.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave(to_jsonable(dict(meta or {}))),
+            ),
+        )
+        if not self._async:
+            self._mgr.wait_until_finished()
+
+    def _quarantine(self, step: int) -> None:
+        src = self.step_dir(step)
+        dst = os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}")
+        os.replace(src, dst)
+        logging.warning("moved unreadable checkpoint %s aside to %s", src, dst)
+        self._bad_steps.discard(step)
+        self._mgr.reload()
+
+    # -- restore ----------------------------------------------------------------------------
+    def _check_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(
+                f"no checkpoint in {self.directory!r}; train first or point --workdir at a run."
+            )
+        if step is None:
+            return steps[-1]
+        if int(step) not in steps:
+            raise FileNotFoundError(
+                f"checkpoint step {step} not found in {self.directory!r}; available steps: {steps}."
+            )
+        return int(step)
+
+    def _corrupt(self, step: int, err: BaseException) -> CorruptCheckpointError:
+        text = str(err).strip()
+        first = text.splitlines()[0].split(" [tensorstore_spec")[0][:300] if text else ""
+        return CorruptCheckpointError(
+            f"checkpoint {self.step_dir(step)!r} is unreadable ({type(err).__name__}: {first}). "
+            "Delete that folder to fall back to the previous step (restore_latest_valid does so "
+            "without deleting), or start over with a fresh --workdir."
+        )
+
+    def _mismatch(self, step: int, what: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(
+            f"checkpoint {self.step_dir(step)!r} does not match the restore target: {what}. It was "
+            "written by another model or configuration; use a fresh --workdir (or --overwrite)."
+        )
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """The JSON meta of `step` (default: latest) without reading the arrays."""
+        step = self._check_step(step)
+        try:
+            out = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return dict(out.meta)
+        except Exception as e:
+            raise self._corrupt(step, e) from e
+
+    def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict]:
+        """Restores `(state, meta)` of `step` (default: the latest).
+
+        Args:
+          step: the step; None for the latest.
+          target: a pytree like the saved state (arrays or `jax.ShapeDtypeStruct`s): the restored
+            state gets its tree types (optax NamedTuples, flax dataclasses), dtypes and shardings.
+            None restores raw nested dicts/lists.
+        Raises:
+          FileNotFoundError: no checkpoint, or no such step.
+          CheckpointMismatchError (ValueError): `target` differs in tree structure, shapes or dtypes
+            (the message names the first differing path).
+          CorruptCheckpointError: the step folder cannot be read.
+        """
+        step = self._check_step(step)
+        abstract = None
+        if target is not None:
+            abstract = jax.tree.map(_abstract, target)
+            try:
+                md = self._mgr.item_metadata(step)["state"]
+            except Exception as e:
+                raise self._corrupt(step, e) from e
+            if md is not None:
+                what = tree_mismatch(getattr(md, "tree", md), abstract)
+                if what:
+                    raise self._mismatch(step, what)
+        try:
+            out = self._mgr.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as e:
+            msg = str(e)
+            if abstract is not None and any(h in msg for h in _MISMATCH_HINTS):
+                raise self._mismatch(step, msg.strip().splitlines()[0]) from e
+            raise self._corrupt(step, e) from e
+        return out.state, dict(out.meta)
+
+    def restore_latest_valid(self, target: Any = None) -> tuple[int, Any, dict] | None:
+        """`(step, state, meta)` of the newest READABLE step, or None when there is no step.
+
+        Unreadable steps are skipped with a warning (never deleted; the next `save` of such a step
+        moves it aside). A target mismatch is not corruption and is raised at once.
+
+        Raises:
+          CorruptCheckpointError: every step is unreadable.
+          CheckpointMismatchError: the newest readable step does not match `target`.
+        """
+        steps = self.all_steps()
+        errors = []
+        for step in reversed(steps):
+            try:
+                state, meta = self.restore(step, target)
+            except CorruptCheckpointError as e:
+                self._bad_steps.add(step)
+                errors.append(str(e))
+                logging.warning("%s; falling back to the previous step.", e)
+                continue
+            return step, state, meta
+        if errors:
+            raise CorruptCheckpointError(
+                f"all {len(steps)} checkpoint steps in {self.directory!r} are unreadable; start "
+                f"over with a fresh --workdir (or --overwrite). First error: {errors[0]}"
+            )
+        return None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def wait(self) -> None:
+        """Blocks until pending (async) saves are written."""
+        self._mgr.wait_until_finished()
+
+    def close(self) -> None:
+        """Waits for pending saves and releases Orbax's resources."""
+        self._mgr.wait_until_finished()
+        self._mgr.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# One pytree at one path.
+
+
+def save_pytree(path: str | os.PathLike, tree: Any) -> None:
+    """Saves one pytree of arrays at folder `path` (absolute-ised; replaced if it exists)."""
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        ckptr.save(path, tree, force=True)
+        ckptr.wait_until_finished()
+    finally:
+        ckptr.close()
+
+
+def load_pytree(path: str | os.PathLike, like: Any = None) -> Any:
+    """Loads a pytree saved by `save_pytree`.
+
+    Args:
+      path: the folder given to `save_pytree`.
+      like: a pytree of the expected structure (arrays or ShapeDtypeStructs); None gives raw dicts.
+    Raises:
+      FileNotFoundError: nothing at `path`.
+      CheckpointMismatchError: `like` differs from the stored tree (first differing path named).
+      CorruptCheckpointError: the folder cannot be read.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no saved pytree at {path!r}; check the path (or export first).")
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        abstract = None if like is None else jax.tree.map(_abstract, like)
+        if abstract is not None:
+            try:
+                md = ckptr.metadata(path)
+            except Exception as e:
+                raise CorruptCheckpointError(f"{path!r} is unreadable ({e}); re-export it.") from e
+            md = getattr(md, "item_metadata", md)
+            what = tree_mismatch(getattr(md, "tree", md), abstract) if md is not None else None
+            if what:
+                raise CheckpointMismatchError(
+                    f"{path!r} does not match the expected tree: {what}; was it exported from "
+                    "another model?"
+                )
+        try:
+            return ckptr.restore(path, abstract)
+        except Exception as e:
+            msg = str(e)
+            if abstract is not None and any(h in msg for h in _MISMATCH_HINTS):
+                raise CheckpointMismatchError(f"{path!r}: {msg.splitlines()[0]}") from e
+            raise CorruptCheckpointError(f"{path!r} is unreadable ({e}); re-export it.") from e
+    finally:
+        ckptr.close()
