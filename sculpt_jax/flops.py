@@ -6,13 +6,14 @@ defect 2); `reference_flops_reduction` reproduces the AutoSculpt reference code'
 formula (REFERENCE.md section 5) for comparison and is labelled as such everywhere.
 
 Conventions (exact counts per example):
-* Masked MACs of a layer = ``n_positions * sum_{k,j,f} mask[k,j,f] * alive_in[in_feature(j,f)]``
+* Masked MACs of a layer = ``sum_k P_k * sum_{j,f} mask[k,j,f] * alive_in[in_feature(j,f)]``
   over kernel cells k, per-filter input channels j and filters f (canonical layout, see
   `patterns.kernel_to_canonical`). With groups g, kernel channel j of filter f reads input feature
   ``(f // (F / g)) * (C_in / g) + j``.
-* Padding: every kernel cell is counted at every output position, exactly like the dense formula
-  ``Layer.macs = n_positions * kernel_cells * C_in / g * F`` (multiplications by padded zeros are
-  counted). So with no mask the masked count equals `Layer.macs`.
+* Padding: ``P_k`` (`Layer.cell_position_counts`) is the number of output positions at which kernel
+  cell k reads an in-bounds input, so taps on zero padding are not counted (as in XLA's cost
+  analysis); ``Layer.macs = sum_k P_k * C_in / g * F`` and with no mask the masked count equals it.
+  Pruning an edge column of a 3x3 kernel therefore removes slightly less work than the centre one.
 * A filter is *alive* when any entry of its kernel mask is nonzero (`masking.pattern_ids_to_masks`
   zeroes the affine entries of the others, so their output channel is exactly zero). An input
   feature of a layer is alive when ANY of its `sources` feeds it from an alive channel: producer -1
@@ -50,10 +51,10 @@ def _check_layer(layer: Layer) -> tuple[int, int, int]:
             f"layer {layer.name!r}: in_features={layer.in_features}, out_features={f}, groups={g} "
             f"and {i} kernel input features per filter are inconsistent; fix the LayerGraph."
         )
-    if layer.macs != layer.n_positions * k * i * f:
+    if layer.macs != sum(layer.cell_position_counts) * i * f:
         raise ValueError(
-            f"layer {layer.name!r}: macs={layer.macs} but n_positions*kernel_cells*C_in/g*F = "
-            f"{layer.n_positions * k * i * f}; fix the LayerGraph (trace.py)."
+            f"layer {layer.name!r}: macs={layer.macs} but sum(cell positions)*C_in/g*F = "
+            f"{sum(layer.cell_position_counts) * i * f}; fix the LayerGraph (trace.py)."
         )
     for src in layer.sources:
         if len(src.channels) != layer.in_features:
@@ -70,17 +71,17 @@ def _canonical_mask(graph_masks: Any, layer: Layer):
     return pat.kernel_to_canonical(m, layer)
 
 
-def _layer_counts(layer: Layer, kept, alive_in):
-    """Exact masked kernel cells (int32) of one layer, weighted by input aliveness.
+def _layer_counts(layer: Layer, nonzero, alive_in):
+    """Exact kept kernel entries per kernel cell (int32 ``[K]``), weighted by input aliveness.
 
-    Args: kept int32 ``[I, F]`` kept cells per (kernel input channel, filter); alive_in bool
-    ``[in_features]``. Kernel channel j of filter f reads input feature ``(f // (F / g)) * I + j``;
-    the per-filter aliveness ``[I, F]`` is built by a reshape and repeat (no gather).
+    Args: nonzero bool ``[K, I, F]`` (canonical kernel mask != 0); alive_in bool ``[in_features]``.
+    Kernel channel j of filter f reads input feature ``(f // (F / g)) * I + j``; the per-filter
+    aliveness ``[I, F]`` is built by a reshape and repeat (no gather).
     """
-    i, f = kept.shape
+    _, i, f = nonzero.shape
     g = layer.groups
     alive = jnp.repeat(alive_in.reshape(g, i).T, f // g, axis=1)  # [I, F]
-    return jnp.sum(jnp.where(alive, kept, 0), dtype=jnp.int32)
+    return jnp.sum(nonzero & alive[None], axis=(1, 2), dtype=jnp.int32)
 
 
 def _alive_in(layer: Layer, filter_alive: Sequence[Any]):
@@ -140,16 +141,15 @@ def _count(graph: LayerGraph, masks: Any = None) -> dict[str, jax.Array]:
 
     if masks is None:  # dense: everything static (avoids folding big all-ones constants)
         filter_alive = [jnp.ones((f,), bool) for _, _, f in shapes]
-        cells = [jnp.int32(k * i * f) for k, i, f in shapes]
+        cell_kept = [jnp.full((k,), i * f, jnp.int32) for k, i, f in shapes]
         kept_entries = [jnp.int32(n_kernel)]
     else:
-        kept = []  # per layer int32 [I, F]: kept kernel cells of each (input channel, filter)
-        for layer in graph.layers:
-            kept.append(jnp.sum(_canonical_mask(masks, layer) != 0, axis=0, dtype=jnp.int32))
+        nonzero = [_canonical_mask(masks, layer) != 0 for layer in graph.layers]  # [K, I, F]
+        kept = [jnp.sum(nz, axis=0, dtype=jnp.int32) for nz in nonzero]  # [I, F]
         filter_alive = [jnp.sum(kp, axis=0) > 0 for kp in kept]
-        cells = [
-            _layer_counts(layer, kp, _alive_in(layer, filter_alive))
-            for layer, kp in zip(graph.layers, kept, strict=True)
+        cell_kept = [
+            _layer_counts(layer, nz, _alive_in(layer, filter_alive))
+            for layer, nz in zip(graph.layers, nonzero, strict=True)
         ]
         kept_entries = []
         seen_kernels = set()
@@ -157,9 +157,12 @@ def _count(graph: LayerGraph, masks: Any = None) -> dict[str, jax.Array]:
             if layer.kernel_path not in seen_kernels:
                 seen_kernels.add(layer.kernel_path)
                 kept_entries.append(jnp.sum(kp, dtype=jnp.int32))
+    cells = [jnp.sum(ck, dtype=jnp.int32) for ck in cell_kept]
     layer_cells = jnp.stack(cells) if cells else jnp.zeros((0,), jnp.int32)
-    n_pos = jnp.asarray([layer.n_positions for layer in graph.layers], jnp.float32)
-    layer_masked_macs = layer_cells.astype(jnp.float32) * n_pos
+    layer_masked_macs = jnp.stack([
+        jnp.sum(ck.astype(jnp.float32) * np.asarray(layer.cell_position_counts, np.float32))
+        for ck, layer in zip(cell_kept, graph.layers, strict=True)
+    ]) if cell_kept else jnp.zeros((0,), jnp.float32)  # fmt: skip
     layer_dense_macs = jnp.asarray([layer.macs for layer in graph.layers], jnp.float32)
 
     dense_macs = jnp.asarray(float(graph.dense_macs), jnp.float32)
@@ -191,6 +194,7 @@ def _count(graph: LayerGraph, masks: Any = None) -> dict[str, jax.Array]:
         "layer_dense_macs": layer_dense_macs,
         "layer_masked_macs": layer_masked_macs,
         "layer_masked_cells": layer_cells,
+        "layer_cell_kept": tuple(cell_kept),
         "layer_alive_filters": jnp.stack([jnp.sum(a, dtype=jnp.int32) for a in filter_alive])
         if filter_alive
         else jnp.zeros((0,), jnp.int32),
@@ -206,7 +210,8 @@ Args:
 Returns: dict of jnp values: dense_macs, masked_macs, dense_flops, masked_flops (float32 scalars);
   dense_params, masked_params (int32); macs_reduction, flops_reduction, params_reduction (float32,
   1 - masked/dense); layer_dense_macs, layer_masked_macs (float32 [L]); layer_masked_cells (int32
-  [L], masked MACs / n_positions, exact); layer_alive_filters (int32 [L]).
+  [L], kept alive kernel entries, exact); layer_cell_kept (per layer int32 [K]: the same per kernel
+  cell, exact; MACs = sum_k P_k * kept_k); layer_alive_filters (int32 [L]).
 A second call with the same graph and mask shapes does not retrace. See the module docstring.
 """
 
@@ -219,10 +224,11 @@ def make_counter(graph: LayerGraph) -> Callable[[Any], dict[str, jax.Array]]:
 def count_exact(graph: LayerGraph, masks: Any = None) -> dict[str, int | float]:
     """`count` with MACs/FLOPs/params as exact Python ints and reductions as floats (host-only)."""
     c = count(graph, masks)
-    cells = np.asarray(c["layer_masked_cells"]).tolist()
     masked_macs = sum(
-        int(n) * layer.n_positions for n, layer in zip(cells, graph.layers, strict=True)
-    )
+        sum(int(n) * p for n, p in zip(np.asarray(ck).tolist(), layer.cell_position_counts,
+                                        strict=True))
+        for ck, layer in zip(c["layer_cell_kept"], graph.layers, strict=True)
+    )  # fmt: skip
     dense_macs = graph.dense_macs
     masked_flops = 2 * masked_macs + graph.other_flops
     dense_flops = graph.dense_flops

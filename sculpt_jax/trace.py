@@ -945,7 +945,18 @@ class _Tracer:
             in_spatial=tuple(in_shape[a] for a in lhs_spec[2:]),
             out_spatial=out_spatial,
             n_positions=n_pos,
-            macs=n_pos * math.prod(win) * (cin // groups) * cout,
+            cell_positions=(
+                cells := _cell_positions(
+                    tuple(in_shape[a] for a in lhs_spec[2:]),
+                    out_spatial,
+                    tuple(win),
+                    tuple(prm["window_strides"]),
+                    tuple(prm["rhs_dilation"]),
+                    tuple(int(lo) for lo, _ in prm["padding"]),
+                    n_pos // max(math.prod(out_spatial), 1),
+                )
+            ),
+            macs=sum(cells) * (cin // groups) * cout,
             sources=self.sources(lhs.prov, in_shape, [lhs_spec[1]], np.arange(cin)),
         )
         index = self.new_layer(eqn, origin, fields)
@@ -1228,6 +1239,7 @@ def _finish(tracer: _Tracer, x1: Any, output_sources: tuple) -> LayerGraph:
                 sources=f["sources"],
                 depth=d,
                 source_line=f["source_line"],
+                cell_positions=f.get("cell_positions", ()),
             )
         )
     groups: dict[int, list[int]] = {}
@@ -1243,6 +1255,19 @@ def _finish(tracer: _Tracer, x1: Any, output_sources: tuple) -> LayerGraph:
         other_flops=int(tracer.flops),
         total_params=int(total),
     )
+
+
+def _cell_positions(in_spatial, out_spatial, win, strides, dilation, pad_lo, batch) -> tuple:
+    """Per kernel cell (row-major), output positions where it reads an in-bounds input."""
+    per_dim = []
+    for n_in, n_out, k, s, d, lo in zip(in_spatial, out_spatial, win, strides, dilation, pad_lo,
+                                       strict=True):  # fmt: skip
+        pos = np.arange(n_out)[:, None] * s - lo + np.arange(k)[None, :] * d
+        per_dim.append(((pos >= 0) & (pos < n_in)).sum(axis=0))
+    grid = np.ones((), np.int64)
+    for c in per_dim:
+        grid = np.multiply.outer(grid, c)
+    return tuple(int(v) * batch for v in np.asarray(grid).reshape(-1))
 
 
 def valid_macs(layer: Layer) -> int:

@@ -69,11 +69,15 @@ class Layer:
       in_spatial / out_spatial: spatial size of the input / output feature map, () for dense.
       n_positions: how many times each filter is applied per example (H_out*W_out for a conv, the
         number of tokens for a dense layer on a sequence, 1 for a plain dense layer).
-      macs: dense multiply-accumulates per example:
-        n_positions * prod(kernel_size) * (in_features // groups) * out_features.
+      macs: dense multiply-accumulates per example, counting a kernel cell only at output positions
+        where it reads an in-bounds input (taps on zero padding are not work; this is what XLA's
+        cost analysis counts): sum(cell_position_counts) * (in_features // groups) * out_features.
       sources: where the input features come from (see `InputSource`).
       depth: longest path (in prunable layers) from the input; 0 for the first layers.
       source_line: "file:line" of the user code that created the op, for messages.
+      cell_positions: per spatial kernel cell (row-major over kernel_spatial_axes), the number of
+        output positions per example at which it reads an in-bounds input; () means every cell at
+        every one of the n_positions (no padding, or a dense layer). See `cell_position_counts`.
     """
 
     index: int
@@ -99,6 +103,12 @@ class Layer:
     sources: tuple[InputSource, ...]
     depth: int
     source_line: str = ""
+    cell_positions: tuple[int, ...] = ()
+
+    @property
+    def cell_position_counts(self) -> tuple[int, ...]:
+        """`cell_positions`, or n_positions for every cell when it is empty."""
+        return self.cell_positions or (self.n_positions,) * self.kernel_cells
 
     @property
     def kernel_cells(self) -> int:

@@ -362,7 +362,17 @@ def _check_worked_example(graph, params=None):
     conv = np.array(sorted(ids))
     dense = float(np.sum(np.asarray(c["layer_dense_macs"])[conv]))
     masked = float(np.sum(np.asarray(c["layer_masked_macs"])[conv]))
-    np.testing.assert_allclose(1 - masked / dense, 1 / 3, atol=1e-6)  # true 3x3 MAC reduction
+    # A third of every 3x3 kernel's taps is gone...
+    cells = float(np.sum(np.asarray(c["layer_masked_cells"])[conv]))
+    all_cells = sum(9 * graph.layers[i].in_features * graph.layers[i].out_features for i in conv)
+    np.testing.assert_allclose(1 - cells / all_cells, 1 / 3, atol=1e-6)
+    # ...and of the in-bounds work (MACs) a bit less where the pruned edge row/column reads zero
+    # padding at the borders ((n-1)/(3n-2) per stride-1 layer on n x n, e.g. 31/94 at 32x32).
+    true = 1 - masked / dense
+    if all(not graph.layers[i].cell_positions for i in conv):
+        np.testing.assert_allclose(true, 1 / 3, atol=1e-6)
+    else:
+        assert 0.31 < true < 1 / 3, true
     assert float(c["macs_reduction"]) < 0.34
     return ref, c
 
