@@ -50,7 +50,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.search.band = 0.05  # |reduction - target| <= band counts as in-band (REFERENCE.md sec. 5)
     c.search.flops_kind = "true"  # true (exact masked FLOPs) | reference (the reference's formula)
     c.search.reward = "paper"  # paper | gated
-    c.search.reward_set_size = 512  # validation examples used for the reward
+    c.search.reward_set_size = -1  # validation examples used for the reward (-1: all of them)
     c.search.bn_recalib_batches = 4  # adaptive-BN batches of training data per candidate (0: off)
     c.search.bn_recalib_batch_size = 128
     c.search.eval_mode = "auto"  # auto | map | vmap: how N candidates are evaluated per call

@@ -1,0 +1,152 @@
+"""The command line (layer 6): `python -m sculpt_jax COMMAND [flags]`.
+
+Commands:
+  info      model summary: params, exact dense FLOPs, traced layers, graph size (`--json`).
+  pretrain  train a dense model (checkpointed, resumable).
+  prune     search pruning patterns (PPO = AutoSculpt, or a baseline / AutoCompress) on a pretrained model.
+  finetune  fine-tune searched candidates with the pruned weights held at exactly zero.
+  run       the main job: pretrain -> prune -> fine-tune -> report, in one workdir.
+
+Every command but `info` takes `--config FILE[:variant]` (default: `sculpt_jax.config`'s defaults),
+dotted overrides `--config.search.target_flops=0.4`, and shortcuts for the common fields
+(`--model`, `--dataset`, `--data-dir`, `--workdir`, `--seed`, `--target-flops`, `--method`,
+`--checkpoint`). This is the only module that reads flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+SHORTCUTS = {
+    "model": "model",
+    "dataset": "dataset",
+    "data_dir": "data_dir",
+    "workdir": "workdir",
+    "seed": "seed",
+    "target_flops": "search.target_flops",
+    "method": "search.method",
+    "head": "search.head",
+    "checkpoint": "pretrain.checkpoint",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sculpt_jax",
+        description="sculpt-jax: automatic pattern-based pruning (AutoSculpt, AutoCompress) in JAX.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    info = sub.add_parser("info", help="model summary (params, exact FLOPs, traced layers)")
+    info.add_argument("--model", required=True, help="a model name (see --list)")
+    info.add_argument("--num-classes", type=int, default=None)
+    info.add_argument("--input-shape", default=None, help="H,W,C (default: the model's)")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    for name, text in (
+        ("pretrain", "train the dense model"),
+        ("prune", "search pruning patterns on a pretrained model"),
+        ("finetune", "fine-tune the searched candidates of a workdir"),
+        ("run", "the main job: pretrain -> prune -> fine-tune -> report"),
+    ):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("--config", default="", help="config file FILE.py[:variant]")
+        c.add_argument("--model")
+        c.add_argument("--dataset", help="digits | cifar10 | cifar100 | imagenet2012 | folder")
+        c.add_argument(
+            "--data-dir", dest="data_dir", help="local data (CIFAR batches, folder, tar)"
+        )
+        c.add_argument("--workdir", help="where checkpoints, metrics and reports go")
+        c.add_argument("--seed", type=int)
+        c.add_argument("--target-flops", dest="target_flops", type=float)
+        c.add_argument("--method", help="ppo | random | uniform | magnitude | autocompress")
+        c.add_argument("--head", help="PPO actor head: paper | per_group | per_filter")
+        c.add_argument("--checkpoint", help="pretrained workdir or checkpoint to start from")
+        c.add_argument("--overwrite", action="store_true", help="discard an incompatible workdir")
+        c.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def parse(argv: list[str]):
+    """Parses argv into (args, frozen config). Unknown `--config.x.y=v` pairs become overrides."""
+    from sculpt_jax import config as config_lib
+
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides: dict[str, str] = {}
+    bad = []
+    i = 0
+    while i < len(rest):
+        item = rest[i]
+        if item.startswith("--config."):
+            key, eq, value = item[len("--config.") :].partition("=")
+            if not eq:
+                if i + 1 >= len(rest):
+                    bad.append(item)
+                    break
+                value = rest[i + 1]
+                i += 1
+            overrides[key] = value
+        else:
+            bad.append(item)
+        i += 1
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (config fields: --config.KEY=VALUE)")
+    if args.command == "info":
+        return args, None
+    cfg = config_lib.load_config(args.config)
+    for flag, key in SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.setdefault(key, str(value))
+    if args.quiet:
+        overrides["progress"] = "false"
+    try:
+        config_lib.apply_overrides(cfg, overrides)
+    except (KeyError, ValueError) as e:
+        parser.error(str(e.args[0] if e.args else e))
+    return args, cfg.lock()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src.xla_bridge", "orbax", "tensorflow_datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args, cfg = parse(argv)
+    from sculpt_jax import config as config_lib
+
+    config_lib.use_fast_prng()
+    from sculpt_jax import pipeline
+
+    try:
+        if args.command == "info":
+            shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else None
+            summary = pipeline.model_info(args.model, args.num_classes, shape)
+            if args.json:
+                print(json.dumps(summary, indent=2))
+            else:
+                for k, v in summary.items():
+                    print(f"{k:>28}: {v}")
+            return 0
+        fn = {
+            "pretrain": pipeline.pretrain,
+            "prune": pipeline.prune,
+            "finetune": pipeline.finetune,
+            "run": pipeline.run,
+        }[args.command]
+        fn(cfg, overwrite=args.overwrite)
+        return 0
+    except (ValueError, FileNotFoundError, KeyError, pipeline.PipelineError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+def run() -> None:
+    """Console-script entry point (`sculpt-jax ...`)."""
+    sys.exit(main())

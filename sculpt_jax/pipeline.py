@@ -1,0 +1,472 @@
+"""The main job's stages, driven by one config (layer 5; the CLI calls these).
+
+Workdir layout (every stage resumable; a finished stage is reused, not redone):
+
+    <workdir>/config.json              the config the run was started with
+    <workdir>/pretrain/                checkpoints, metrics.jsonl, result.json, best_variables/
+    <workdir>/search/                  checkpoints, metrics.jsonl, candidates.jsonl, best.json
+    <workdir>/finetune/cand<k>/        one masked fine-tune per kept candidate
+    <workdir>/export/                  pruned params + masks + pattern ids + summary.json
+    <workdir>/report/                  report.md, results.{csv,json}, plots (PNG)
+
+Images stay uint8 on the host; normalisation is part of the apply function (`make_apply_fn`), so
+augmentation pads with black as the reference does and the reward set costs 4x less memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sculpt_jax import checkpoint as ckpt
+from sculpt_jax import data as data_lib
+from sculpt_jax import env as env_lib
+from sculpt_jax import finetune as ft
+from sculpt_jax import flops as flops_lib
+from sculpt_jax import graph as graph_lib
+from sculpt_jax import masking
+from sculpt_jax import patterns as pat
+from sculpt_jax import trace as trace_lib
+from sculpt_jax.search import runner
+
+log = logging.getLogger("sculpt_jax")
+
+
+class PipelineError(RuntimeError):
+    """A stage cannot run as configured; the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, data and apply function.
+
+
+def _models():
+    from sculpt_jax import models  # the edge may choose models by name
+
+    return models
+
+
+def make_apply_fn(model, mean, std):
+    """``apply(variables, x_uint8, train=False, **kw)``: normalises then runs `model.apply`."""
+    mean = tuple(float(m) for m in mean)
+    std = tuple(float(s) for s in std)
+
+    def apply(variables, x, train=False, **kwargs):
+        return model.apply(variables, data_lib.normalize(jnp.asarray(x), mean, std), train=train,
+                           **kwargs)  # fmt: skip
+
+    return apply
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every stage needs: config, data, model, apply function, initial variables."""
+
+    cfg: Any
+    splits: data_lib.DataSplits
+    model: Any
+    apply_fn: Any
+    init_variables: Any
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+def setup(cfg) -> Setup:
+    """Loads the dataset and builds the model for `cfg` (host-only)."""
+    models = _models()
+    models.model_spec(cfg.model)  # unknown name -> ValueError listing valid ones
+    splits = data_lib.load_dataset(
+        cfg.dataset, cfg.data_dir or None, val_size=cfg.val_size, seed=cfg.seed,
+        progress=cfg.progress,
+    )  # fmt: skip
+    num_classes = splits.num_classes if cfg.num_classes <= 0 else cfg.num_classes
+    if num_classes < splits.num_classes:
+        raise ValueError(
+            f"num_classes={num_classes} but {cfg.dataset} has {splits.num_classes} classes; "
+            "leave --config.num_classes=-1 to use the dataset's"
+        )
+    model = models.get_model(cfg.model, num_classes=num_classes)
+    shape = tuple(splits.image_shape)
+    try:
+        variables = models.init_model(model, jax.random.PRNGKey(cfg.seed), shape)
+    except Exception as e:  # noqa: BLE001 - re-raised with the fix
+        raise ValueError(
+            f"model {cfg.model!r} cannot take {cfg.dataset} inputs of shape {shape}: {e}. CIFAR "
+            "models take any HxW >= 8; ImageNet models and ViTs need their input size"
+        ) from e
+    apply_fn = make_apply_fn(model, splits.mean, splits.std)
+    return Setup(cfg, splits, model, apply_fn, variables, shape, num_classes)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+                        if not hasattr(x, "dtype") else jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        tree)  # fmt: skip
+
+
+def _run_fingerprint(cfg) -> dict:
+    return {"model": cfg.model, "dataset": cfg.dataset, "data_dir": cfg.data_dir,
+            "seed": cfg.seed, "val_size": cfg.val_size}  # fmt: skip
+
+
+def _save_config(cfg, workdir: str) -> None:
+    ckpt.save_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
+
+
+# ----------------------------------------------------------------------------------------------
+# info
+
+
+def model_info(name: str, num_classes: int | None = None, input_shape=None) -> dict:
+    """Summary of a zoo model: params, exact dense FLOPs, XLA's count, traced layers, graph size."""
+    models = _models()
+    spec = models.model_spec(name)
+    model = models.get_model(name, num_classes=num_classes)
+    shape = tuple(input_shape or spec.input_shape)
+    if len(shape) != 3:
+        raise ValueError(f"--input-shape must be H,W,C (3 numbers), got {shape}")
+    variables = jax.eval_shape(lambda k: models.init_model(model, k, shape), jax.random.PRNGKey(0))
+    x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    t0 = time.perf_counter()
+    lg = trace_lib.trace_model(model.apply, variables, x)
+    trace_s = time.perf_counter() - t0
+    n_conv = sum(layer.kind == "conv" for layer in lg.layers)
+    n_dense = sum(layer.kind == "dense" for layer in lg.layers)
+    lib = pat.get_library("reference6")
+    valid = np.stack([pat.valid_patterns(layer, lib) for layer in lg.layers])
+    level = "filter" if sum(layer.out_features for layer in lg.layers) <= 50_000 else "layer"
+    gspec = graph_lib.build_graph_spec(lg, n_patterns=lib.n_patterns, valid=valid, level=level)
+    compiled = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    params = int(sum(np.prod(v.shape) for v in jax.tree.leaves(variables["params"])))
+    return {
+        "model": name,
+        "description": spec.description,
+        "input_shape": list(shape),
+        "num_classes": int(num_classes or spec.num_classes),
+        "params": params,
+        "dense_flops_exact": int(lg.dense_flops),
+        "dense_macs_prunable": int(lg.dense_macs),
+        "xla_cost_analysis_flops": xla_flops,
+        "conv_layers": int(n_conv),
+        "dense_layers": int(n_dense),
+        "traced_layers": int(lg.n_layers),
+        "coupled_groups": len(lg.coupled_groups),
+        "graph_level": level,
+        "graph_nodes": int(gspec.n_real_nodes),
+        "graph_edges": int(gspec.n_real_edges),
+        "trace_seconds": round(trace_s, 3),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# pretrain
+
+
+def _load_pretrained(path: str, like) -> Any:
+    """Variables exported by a pretrain stage: PATH is a workdir, its pretrain/ or best_variables/."""
+    cands = [os.path.join(path, "pretrain", "best_variables"), os.path.join(path, "best_variables"),
+             path]  # fmt: skip
+    for c in cands:
+        if os.path.isdir(c) and os.path.basename(c.rstrip("/")) == "best_variables":
+            try:
+                return ckpt.load_pytree(c, like=like)
+            except ValueError as e:
+                raise ValueError(
+                    f"checkpoint {c} does not match the model ({e}); pass the pretrain workdir of "
+                    "the same --model and dataset"
+                ) from e
+    raise FileNotFoundError(
+        f"no pretrained variables under {path!r}; give a workdir of a finished `pretrain` run (it "
+        "holds pretrain/best_variables) or omit --checkpoint to pretrain here"
+    )
+
+
+def pretrain(cfg, *, overwrite: bool = False, s: Setup | None = None) -> dict:
+    """Trains the dense model (resumable) and exports best-by-validation variables.
+
+    Returns {"variables", "val_accuracy", "test_accuracy", "seconds"}.
+    """
+    s = s or setup(cfg)
+    wd = os.path.abspath(os.path.join(cfg.workdir, "pretrain"))
+    if cfg.pretrain.checkpoint:
+        variables = _load_pretrained(os.path.abspath(cfg.pretrain.checkpoint),
+                                     _abstract(s.init_variables))  # fmt: skip
+        ev = ft.evaluate(ft.make_eval_step(s.apply_fn), variables, *s.splits.val.arrays, 256)
+        log.info("loaded pretrained variables (val accuracy %.4f)", ev["accuracy"])
+        return {"variables": variables, "val_accuracy": ev["accuracy"], "test_accuracy": None,
+                "seconds": 0.0}  # fmt: skip
+    p = cfg.pretrain
+    t0 = time.perf_counter()
+    res = ft.fit(
+        s.apply_fn,
+        s.init_variables,
+        {"train": s.splits.train.arrays, "val": s.splits.val.arrays, "test": s.splits.test.arrays},
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        workdir=wd,
+        seed=cfg.seed,
+        optimizer=dict(
+            kind="sgd",
+            lr=p.lr,
+            momentum=p.momentum,
+            weight_decay=p.weight_decay,
+            schedule=p.schedule,
+        ),  # fmt: skip
+        augment_fn=data_lib.make_augment(s.splits.name, s.input_shape) if p.augment else None,
+        progress=cfg.progress,
+        overwrite=overwrite,
+        config_extra=_run_fingerprint(cfg),
+    )
+    ckpt.save_pytree(os.path.join(wd, "best_variables"), res.variables)
+    out = {"val_accuracy": res.best_val_accuracy, "test_accuracy": res.test_accuracy,
+           "seconds": time.perf_counter() - t0}  # fmt: skip
+    ckpt.save_json(os.path.join(wd, "summary.json"), out)
+    return dict(out, variables=res.variables)
+
+
+# ----------------------------------------------------------------------------------------------
+# prune (search)
+
+
+@dataclasses.dataclass
+class SearchSetup:
+    graph: Any
+    spec: Any
+    env: Any
+    library: Any
+
+
+def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
+    """Traces the model and builds the observation graph and environment (host, once)."""
+    sc = cfg.search
+    lib = pat.get_library(sc.library)
+    x = jnp.zeros((1, *s.input_shape), jnp.uint8)
+    lg = trace_lib.trace_model(s.apply_fn, variables, x)
+    valid = np.stack([pat.valid_patterns(layer, lib) for layer in lg.layers])
+    if not valid[:, [i for i in range(lib.n_patterns) if i != lib.keep_id]].any():
+        raise ValueError(f"model {cfg.model!r} has nothing the {lib.name!r} library can prune")
+    spec = graph_lib.build_graph_spec(lg, n_patterns=lib.n_patterns, valid=valid, level=sc.level)
+    n_val = s.splits.val.n
+    n_reward = n_val if sc.reward_set_size < 0 else sc.reward_set_size
+    if n_reward > n_val:
+        raise ValueError(
+            f"search.reward_set_size={sc.reward_set_size} is larger than the validation split "
+            f"({n_val}); lower it or raise --config.val_size"
+        )
+    r_imgs, r_labs = s.splits.val.arrays
+    r_imgs, r_labs = r_imgs[:n_reward], r_labs[:n_reward]
+    calib = None
+    if sc.bn_recalib_batches > 0:
+        n = sc.bn_recalib_batches * sc.bn_recalib_batch_size
+        tr_imgs = s.splits.train.arrays[0]
+        if n > len(tr_imgs):
+            raise ValueError(f"BN recalibration wants {n} training images; only {len(tr_imgs)}")
+        idx = np.random.default_rng(cfg.seed).permutation(len(tr_imgs))[:n]
+        calib = tr_imgs[idx].reshape(sc.bn_recalib_batches, sc.bn_recalib_batch_size,
+                                     *tr_imgs.shape[1:])  # fmt: skip
+    env = env_lib.make_env(
+        s.apply_fn, variables, spec, r_imgs, r_labs, library=lib, calib_images=calib,
+        config=env_lib.EnvConfig(
+            target=sc.target_flops, band=sc.band, flops_kind=sc.flops_kind, reward=sc.reward,
+            max_episode_steps=sc.max_episode_steps, eval_mode=sc.eval_mode,
+        ),
+    )  # fmt: skip
+    return SearchSetup(lg, spec, env, lib)
+
+
+def _candidate_record(ss: SearchSetup, variables, cand: dict) -> dict:
+    masks = ss.env.masks_of(jnp.asarray(cand["pattern_ids"]))
+    exact = flops_lib.count_exact(ss.graph, masks)
+    ids = graph_lib.layer_pattern_ids(ss.spec, jnp.asarray(cand["pattern_ids"]))
+    return {
+        "search_val_accuracy": cand["accuracy"],
+        "flops_reduction": exact["flops_reduction"],
+        "reference_formula_reduction": cand["reference_reduction"],
+        "params_reduction": exact["params_reduction"],
+        "masked_flops": exact["masked_flops"],
+        "dense_flops": exact["dense_flops"],
+        "masked_params": exact["masked_params"],
+        "dense_params": exact["dense_params"],
+        "seed": cand["seed"],
+        "pattern_histogram": np.bincount(
+            np.concatenate([np.asarray(i) for i in ids]), minlength=ss.library.n_patterns
+        ).tolist(),  # fmt: skip
+    }
+
+
+def prune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=None) -> dict:
+    """Runs (or resumes) the configured search and writes best.json + candidate pattern ids."""
+    s = s or setup(cfg)
+    if variables is None:
+        variables = pretrain(cfg, s=s)["variables"]
+    sc = cfg.search
+    ss = make_search_setup(cfg, s, variables)
+    wd = os.path.abspath(os.path.join(cfg.workdir, "search"))
+    policy = None
+    if sc.method == "ppo":
+        policy = runner.policy_for(ss.env, sc.head, variables, cfg.ppo)
+    elif sc.method == "autocompress":
+        raise PipelineError("search.method=autocompress is not available yet (issue 7)")
+    ppo_cfg = dict(
+        gamma=cfg.ppo.gamma, gae_lambda=cfg.ppo.gae_lambda, clip_eps=cfg.ppo.clip,
+        vf_coef=cfg.ppo.value_coef, ent_coef=cfg.ppo.entropy_coef, lr=cfg.ppo.lr,
+        max_grad_norm=cfg.ppo.max_grad_norm, n_epochs=cfg.ppo.epochs,
+        n_minibatches=cfg.ppo.minibatches, advantage=cfg.ppo.advantage,
+    )  # fmt: skip
+    order = np.asarray(graph_lib.importance_order(ss.spec, variables))
+    result = runner.run_search(
+        ss.env, sc.method, workdir=wd, iterations=sc.iterations, seed=cfg.seed,
+        n_seeds=sc.n_seeds, n_envs=sc.n_envs, n_steps=sc.n_steps, top_k=sc.top_k, policy=policy,
+        ppo_config=ppo_cfg, order=order, library=ss.library, progress=cfg.progress,
+        fingerprint=dict(_run_fingerprint(cfg), search=sc.to_dict(), ppo=cfg.ppo.to_dict()),
+        overwrite=overwrite,
+    )  # fmt: skip
+    records = [dict(_candidate_record(ss, variables, c), rank=i) for i, c in enumerate(result.best)]
+    summary = {
+        "method": sc.method,
+        "target_flops_reduction": sc.target_flops,
+        "band": sc.band,
+        "flops_kind": sc.flops_kind,
+        "n_evals": result.n_evals,
+        "n_in_band": result.n_in_band,
+        "seconds_this_run": result.seconds,
+        "candidates": records,
+    }
+    ckpt.save_json(os.path.join(wd, "best.json"), summary)
+    ckpt.save_pytree(os.path.join(wd, "best_pattern_ids"),
+                     {f"cand{i}": np.asarray(c["pattern_ids"]) for i, c in enumerate(result.best)}
+                     or {"none": np.zeros((0,), np.int32)})  # fmt: skip
+    if not result.best:
+        log.warning("no in-band candidate found: raise search.iterations or widen search.band")
+    return {"summary": summary, "best": result.best, "search_setup": ss, "history": result.history}
+
+
+# ----------------------------------------------------------------------------------------------
+# finetune + export
+
+
+def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=None,
+             searched=None) -> dict:  # fmt: skip
+    """Fine-tunes each kept candidate with its masks held (exact zeros), picks the best by
+    validation accuracy, evaluates the test split ONCE on it and exports it."""
+    s = s or setup(cfg)
+    if variables is None:
+        variables = pretrain(cfg, s=s)["variables"]
+    if searched is None:
+        searched = prune(cfg, s=s, variables=variables)
+    ss: SearchSetup = searched["search_setup"]
+    best = searched["best"][: cfg.search.top_k]
+    if not best:
+        raise PipelineError(
+            "the search kept no in-band candidate, so there is nothing to fine-tune; run more "
+            "search iterations (--config.search.iterations) or widen --config.search.band"
+        )
+    f = cfg.finetune
+    eval_step = ft.make_eval_step(s.apply_fn)
+    results = []
+    for k, cand in enumerate(best):
+        masks = ss.env.masks_of(jnp.asarray(cand["pattern_ids"]))
+        res = ft.fit(
+            s.apply_fn, variables, {"train": s.splits.train.arrays, "val": s.splits.val.arrays},
+            epochs=f.epochs, batch_size=f.batch_size,
+            workdir=os.path.abspath(os.path.join(cfg.workdir, "finetune", f"cand{k}")),
+            seed=cfg.seed + k, masks=masks,
+            optimizer=dict(kind="sgd", lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
+                           schedule=f.schedule),
+            augment_fn=data_lib.make_augment(s.splits.name, s.input_shape) if f.augment else None,
+            progress=cfg.progress, overwrite=overwrite,
+            config_extra=dict(_run_fingerprint(cfg), candidate=k,
+                              ids=str(np.asarray(cand["pattern_ids"]).tobytes().hex()[:64])),
+        )  # fmt: skip
+        results.append((res, masks, cand))
+    k_best = int(np.argmax([r.best_val_accuracy for r, _, _ in results]))
+    res, masks, cand = results[k_best]
+    final = res.variables
+    zero_ok = all(
+        bool(jnp.all(jnp.where(m == 0, p, 0.0) == 0.0))
+        for p, m in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(masks), strict=True)
+    )
+    if not zero_ok:
+        raise PipelineError("internal error: a pruned weight is nonzero after fine-tuning")
+    test = ft.evaluate(eval_step, final, *s.splits.test.arrays, 256)
+    exact = flops_lib.count_exact(ss.graph, masks)
+    summary = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "method": cfg.search.method,
+        "chosen_candidate": k_best,
+        "candidates_val_accuracy": [r.best_val_accuracy for r, _, _ in results],
+        "val_accuracy": res.best_val_accuracy,
+        "test_accuracy": test["accuracy"],
+        "search_val_accuracy_before_finetune": cand["accuracy"],
+        "flops_reduction": exact["flops_reduction"],
+        "reference_formula_flops_reduction": cand["reference_reduction"],
+        "params_reduction": exact["params_reduction"],
+        "dense_flops": exact["dense_flops"],
+        "masked_flops": exact["masked_flops"],
+        "dense_params": exact["dense_params"],
+        "masked_params": exact["masked_params"],
+        "pruned_weights_exactly_zero": zero_ok,
+    }
+    export(os.path.join(cfg.workdir, "export"), final, masks, ss, cand["pattern_ids"], summary)
+    return {"summary": summary, "variables": final, "masks": masks}
+
+
+def export(path: str, variables, masks, ss: SearchSetup, pattern_ids, summary: dict) -> None:
+    """Writes pruned variables, masks, per-layer pattern ids and summary.json under `path`."""
+    path = os.path.abspath(path)
+    ckpt.save_pytree(os.path.join(path, "variables"), variables)
+    ckpt.save_pytree(os.path.join(path, "masks"), masks)
+    per_layer = graph_lib.layer_pattern_ids(ss.spec, jnp.asarray(pattern_ids))
+    ckpt.save_json(os.path.join(path, "pattern_ids.json"), {
+        layer.name: np.asarray(ids).tolist() for layer, ids in zip(ss.graph.layers, per_layer,
+                                                                    strict=True)
+    })  # fmt: skip
+    ckpt.save_json(os.path.join(path, "summary.json"), summary)
+
+
+def load_export(path: str, like_variables) -> tuple[Any, Any, dict]:
+    """(variables, masks, summary) of an `export` folder; `like_variables` gives the structure."""
+    path = os.path.abspath(path)
+    variables = ckpt.load_pytree(os.path.join(path, "variables"), like=like_variables)
+    masks = ckpt.load_pytree(os.path.join(path, "masks"),
+                             like=masking.ones_masks(like_variables))  # fmt: skip
+    return variables, masks, ckpt.load_json(os.path.join(path, "summary.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# run
+
+
+def run(cfg, *, overwrite: bool = False) -> dict:
+    """The main job: pretrain -> search -> fine-tune -> report, printing the final table."""
+    t0 = time.perf_counter()
+    s = setup(cfg)
+    _save_config(cfg, os.path.abspath(cfg.workdir))
+    log.info("data: %s", s.splits.summary() if hasattr(s.splits, "summary") else s.splits.name)
+    pre = pretrain(cfg, overwrite=overwrite, s=s)
+    t_pre = time.perf_counter() - t0
+    searched = prune(cfg, overwrite=overwrite, s=s, variables=pre["variables"])
+    t_search = time.perf_counter() - t0 - t_pre
+    fin = finetune(cfg, overwrite=overwrite, s=s, variables=pre["variables"], searched=searched)
+    dense_test = ft.evaluate(ft.make_eval_step(s.apply_fn), pre["variables"],
+                             *s.splits.test.arrays, 256)["accuracy"]  # fmt: skip
+    row = dict(fin["summary"], dense_val_accuracy=pre["val_accuracy"],
+               dense_test_accuracy=dense_test, search_seconds=t_search,
+               total_seconds=time.perf_counter() - t0)  # fmt: skip
+    from sculpt_jax import report
+
+    report.write_run_report(os.path.join(cfg.workdir, "report"), row, searched, cfg)
+    print(report.format_row_table([row]))
+    return row
