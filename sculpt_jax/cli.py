@@ -108,6 +108,7 @@ def parse(argv: list[str]):
         config_lib.apply_overrides(cfg, overrides)
     except (KeyError, ValueError) as e:
         parser.error(str(e.args[0] if e.args else e))
+    config_lib.validate(cfg)
     return args, cfg.lock()
 
 
@@ -117,13 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src.xla_bridge", "orbax", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    args, cfg = parse(argv)
     from sculpt_jax import config as config_lib
 
     config_lib.use_fast_prng()
     from sculpt_jax import pipeline
 
     try:
+        args, cfg = parse(argv)
         if args.command == "info":
             shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else None
             summary = pipeline.model_info(args.model, args.num_classes, shape)

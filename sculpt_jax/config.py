@@ -178,3 +178,45 @@ def use_fast_prng() -> None:
     import jax
 
     jax.config.update("jax_threefry_partitionable", False)
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks the values a run would otherwise reject only after minutes of work (host-only).
+
+    Raises:
+      ValueError: naming the field, the bad value and what is allowed.
+    """
+    s = cfg.search
+    if not 0.0 < s.target_flops < 1.0:
+        raise ValueError(
+            f"target FLOPs reduction must be in (0, 1), got {s.target_flops}; e.g. 0.5 removes "
+            "half of the FLOPs (--target-flops 0.5)"
+        )
+    if not 0.0 < s.band < 1.0:
+        raise ValueError(f"search.band must be in (0, 1), got {s.band}")
+    choices = {
+        "search.method": (s.method, ("ppo", "random", "uniform", "magnitude", "autocompress")),
+        "search.head": (s.head, ("paper", "per_group", "per_filter")),
+        "search.flops_kind": (s.flops_kind, ("true", "reference")),
+        "search.reward": (s.reward, ("paper", "gated")),
+        "search.level": (s.level, ("filter", "layer")),
+        "search.eval_mode": (s.eval_mode, ("auto", "map", "vmap")),
+        "ppo.advantage": (cfg.ppo.advantage, ("gae", "reference")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    for key in (
+        "pretrain.epochs",
+        "finetune.epochs",
+        "search.iterations",
+        "search.n_envs",
+        "search.n_steps",
+        "search.top_k",
+        "pretrain.batch_size",
+        "finetune.batch_size",
+    ):
+        section, name = key.split(".")
+        if cfg[section][name] < 1:
+            raise ValueError(f"{key} must be >= 1, got {cfg[section][name]}")
+    return cfg
