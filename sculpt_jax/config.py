@@ -29,6 +29,7 @@ def get_default_config() -> ml_collections.ConfigDict:
         ""  # local CIFAR pickle batches, image-folder tree or .tar.gz; tfds data_dir for tfds
     )
     c.val_size = -1  # -1: dataset default (digits 200, CIFAR 5,000)
+    c.max_train_examples = -1  # > 0: a fixed random subset of the training split (smoke runs)
     c.seed = 0
     c.workdir = "runs/default"
     c.progress = True  # progress bars
@@ -78,6 +79,18 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.ppo.gnn_layers = 2
     c.ppo.heads = 4
     c.ppo.sigma = 0.2
+
+    c.autocompress = ml_collections.ConfigDict()  # search.method=autocompress (arXiv 1907.03141)
+    c.autocompress.scheme = "filter+column"  # filter | column | filter+column | pattern
+    c.autocompress.rounds = 3  # progressive rounds; per-round target 1 - (1 - s)^(1/R)
+    c.autocompress.t0 = 100.0
+    c.autocompress.t_stop = 20.0
+    c.autocompress.cooling = 0.9
+    c.autocompress.perturbation = 0.35
+    c.autocompress.admm_iterations = 3
+    c.autocompress.admm_steps = 10  # SGD W-steps per ADMM iteration
+    c.autocompress.rho = 1e-4
+    c.autocompress.admm_lr = 1e-3
 
     c.finetune = ml_collections.ConfigDict()
     c.finetune.epochs = 6

@@ -87,6 +87,10 @@ def setup(cfg) -> Setup:
         cfg.dataset, cfg.data_dir or None, val_size=cfg.val_size, seed=cfg.seed,
         progress=cfg.progress,
     )  # fmt: skip
+    if 0 < cfg.max_train_examples < splits.train.n:
+        idx = np.sort(np.random.default_rng(cfg.seed).permutation(splits.train.n)
+                      [: cfg.max_train_examples])  # fmt: skip
+        splits = dataclasses.replace(splits, train=splits.train.take(idx))
     num_classes = splits.num_classes if cfg.num_classes <= 0 else cfg.num_classes
     if num_classes < splits.num_classes:
         raise ValueError(
@@ -114,7 +118,8 @@ def _abstract(tree):
 
 def _run_fingerprint(cfg) -> dict:
     return {"model": cfg.model, "dataset": cfg.dataset, "data_dir": cfg.data_dir,
-            "seed": cfg.seed, "val_size": cfg.val_size}  # fmt: skip
+            "seed": cfg.seed, "val_size": cfg.val_size,
+            "max_train_examples": cfg.max_train_examples}  # fmt: skip
 
 
 def _save_config(cfg, workdir: str) -> None:
@@ -245,6 +250,8 @@ class SearchSetup:
     spec: Any
     env: Any
     library: Any
+    reward: tuple = ()  # (images, labels) of the validation reward set
+    calib: Any = None  # [B, batch, H, W, C] BN-recalibration batches or None
 
 
 def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
@@ -282,13 +289,25 @@ def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
             max_episode_steps=sc.max_episode_steps, eval_mode=sc.eval_mode,
         ),
     )  # fmt: skip
-    return SearchSetup(lg, spec, env, lib)
+    return SearchSetup(lg, spec, env, lib, (r_imgs, r_labs), calib)
+
+
+def candidate_masks(ss: SearchSetup, cand: dict):
+    """The mask pytree of a search candidate (AutoCompress candidates carry masks directly)."""
+    if "masks" in cand:
+        return cand["masks"]
+    return ss.env.masks_of(jnp.asarray(cand["pattern_ids"]))
 
 
 def _candidate_record(ss: SearchSetup, variables, cand: dict) -> dict:
-    masks = ss.env.masks_of(jnp.asarray(cand["pattern_ids"]))
+    masks = candidate_masks(ss, cand)
     exact = flops_lib.count_exact(ss.graph, masks)
-    ids = graph_lib.layer_pattern_ids(ss.spec, jnp.asarray(cand["pattern_ids"]))
+    if "pattern_ids" in cand:
+        ids = graph_lib.layer_pattern_ids(ss.spec, jnp.asarray(cand["pattern_ids"]))
+        hist = np.bincount(np.concatenate([np.asarray(i) for i in ids]),
+                           minlength=ss.library.n_patterns).tolist()  # fmt: skip
+    else:
+        hist = None
     return {
         "search_val_accuracy": cand["accuracy"],
         "flops_reduction": exact["flops_reduction"],
@@ -299,9 +318,7 @@ def _candidate_record(ss: SearchSetup, variables, cand: dict) -> dict:
         "masked_params": exact["masked_params"],
         "dense_params": exact["dense_params"],
         "seed": cand["seed"],
-        "pattern_histogram": np.bincount(
-            np.concatenate([np.asarray(i) for i in ids]), minlength=ss.library.n_patterns
-        ).tolist(),  # fmt: skip
+        "pattern_histogram": hist,
     }
 
 
@@ -317,7 +334,7 @@ def prune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=Non
     if sc.method == "ppo":
         policy = runner.policy_for(ss.env, sc.head, variables, cfg.ppo)
     elif sc.method == "autocompress":
-        raise PipelineError("search.method=autocompress is not available yet (issue 7)")
+        return _prune_autocompress(cfg, s, variables, ss, wd, overwrite)
     ppo_cfg = dict(
         gamma=cfg.ppo.gamma, gae_lambda=cfg.ppo.gae_lambda, clip_eps=cfg.ppo.clip,
         vf_coef=cfg.ppo.value_coef, ent_coef=cfg.ppo.entropy_coef, lr=cfg.ppo.lr,
@@ -352,6 +369,65 @@ def prune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=Non
     return {"summary": summary, "best": result.best, "search_setup": ss, "history": result.history}
 
 
+def _prune_autocompress(cfg, s: Setup, variables, ss: SearchSetup, wd: str, overwrite: bool):
+    """AutoCompress (simulated annealing + ADMM + purification) as the search stage.
+
+    The evaluation budget (iterations * n_steps * n_envs) sets the annealing moves per temperature.
+    Its result (masks and ADMM-trained variables of the kept candidates) is saved under
+    <workdir>/search/autocompress and reused by a later run with the same settings.
+    """
+    from sculpt_jax.search import autocompress
+
+    sc, ac = cfg.search, cfg.autocompress
+    fp = runner._fingerprint(dict(_run_fingerprint(cfg), search=sc.to_dict(), ac=ac.to_dict()))
+    out_dir = os.path.join(wd, "autocompress")
+    best_path = os.path.join(wd, "best.json")
+    like = {"masks": masking.ones_masks(variables), "variables": _abstract(variables)}
+    best = None
+    if not overwrite and os.path.exists(best_path):
+        prev = ckpt.load_json(best_path)
+        if prev.get("fingerprint") == fp and prev.get("candidates"):
+            best = []
+            for i, rec in enumerate(prev["candidates"]):
+                tree = ckpt.load_pytree(os.path.join(out_dir, f"cand{i}"), like=like)
+                best.append(dict(tree, accuracy=rec["search_val_accuracy"],
+                                 reference_reduction=rec["reference_formula_reduction"],
+                                 seed=rec["seed"]))  # fmt: skip
+            summary = prev
+    if best is None:
+        n_temps = max(1, int(np.ceil(np.log(ac.t_stop / ac.t0) / np.log(ac.cooling))) + 1)
+        budget = sc.iterations * sc.n_steps * sc.n_envs
+        t0 = time.perf_counter()
+        cands = autocompress.run_autocompress(
+            s.apply_fn, variables, ss.graph, s.splits, target=sc.target_flops,
+            target_kind="flops", scheme=ac.scheme, rounds=ac.rounds, library=ss.library,
+            t0=ac.t0, t_stop=ac.t_stop, cooling=ac.cooling, perturbation=ac.perturbation,
+            moves_per_temperature=max(1, budget // (n_temps * ac.rounds)),
+            admm_iterations=ac.admm_iterations, admm_steps=ac.admm_steps, rho=ac.rho,
+            admm_lr=ac.admm_lr, batch_size=cfg.finetune.batch_size,
+            reward_images=ss.reward[0], reward_labels=ss.reward[1], calib_images=ss.calib,
+            top_k=sc.top_k, seed=cfg.seed, progress=cfg.progress,
+        )  # fmt: skip
+        best = cands[: sc.top_k]
+        for i, c in enumerate(best):
+            ckpt.save_pytree(os.path.join(out_dir, f"cand{i}"),
+                             {"masks": c["masks"], "variables": c["variables"]})  # fmt: skip
+        records = [dict(_candidate_record(ss, variables, c), rank=i) for i, c in enumerate(best)]
+        summary = {
+            "method": "autocompress",
+            "target_flops_reduction": sc.target_flops,
+            "band": sc.band,
+            "flops_kind": "true",
+            "n_evals": int(best[0].get("n_evals", 0)) if best else 0,
+            "n_in_band": None,
+            "seconds_this_run": time.perf_counter() - t0,
+            "candidates": records,
+            "fingerprint": fp,
+        }
+        ckpt.save_json(best_path, summary)
+    return {"summary": summary, "best": best, "search_setup": ss, "history": []}
+
+
 # ----------------------------------------------------------------------------------------------
 # finetune + export
 
@@ -376,9 +452,10 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
     eval_step = ft.make_eval_step(s.apply_fn)
     results = []
     for k, cand in enumerate(best):
-        masks = ss.env.masks_of(jnp.asarray(cand["pattern_ids"]))
+        masks = candidate_masks(ss, cand)
+        start = cand.get("variables", variables)  # AutoCompress: the ADMM-trained weights
         res = ft.fit(
-            s.apply_fn, variables, {"train": s.splits.train.arrays, "val": s.splits.val.arrays},
+            s.apply_fn, start, {"train": s.splits.train.arrays, "val": s.splits.val.arrays},
             epochs=f.epochs, batch_size=f.batch_size,
             workdir=os.path.abspath(os.path.join(cfg.workdir, "finetune", f"cand{k}")),
             seed=cfg.seed + k, masks=masks,
@@ -386,8 +463,7 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
                            schedule=f.schedule),
             augment_fn=data_lib.make_augment(s.splits.name, s.input_shape) if f.augment else None,
             progress=cfg.progress, overwrite=overwrite,
-            config_extra=dict(_run_fingerprint(cfg), candidate=k,
-                              ids=str(np.asarray(cand["pattern_ids"]).tobytes().hex()[:64])),
+            config_extra=dict(_run_fingerprint(cfg), candidate=k, method=cfg.search.method),
         )  # fmt: skip
         results.append((res, masks, cand))
     k_best = int(np.argmax([r.best_val_accuracy for r, _, _ in results]))
@@ -419,7 +495,7 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
         "masked_params": exact["masked_params"],
         "pruned_weights_exactly_zero": zero_ok,
     }
-    export(os.path.join(cfg.workdir, "export"), final, masks, ss, cand["pattern_ids"], summary)
+    export(os.path.join(cfg.workdir, "export"), final, masks, ss, cand.get("pattern_ids"), summary)
     return {"summary": summary, "variables": final, "masks": masks}
 
 
@@ -428,11 +504,12 @@ def export(path: str, variables, masks, ss: SearchSetup, pattern_ids, summary: d
     path = os.path.abspath(path)
     ckpt.save_pytree(os.path.join(path, "variables"), variables)
     ckpt.save_pytree(os.path.join(path, "masks"), masks)
-    per_layer = graph_lib.layer_pattern_ids(ss.spec, jnp.asarray(pattern_ids))
-    ckpt.save_json(os.path.join(path, "pattern_ids.json"), {
-        layer.name: np.asarray(ids).tolist() for layer, ids in zip(ss.graph.layers, per_layer,
-                                                                    strict=True)
-    })  # fmt: skip
+    if pattern_ids is not None:
+        per_layer = graph_lib.layer_pattern_ids(ss.spec, jnp.asarray(pattern_ids))
+        ckpt.save_json(os.path.join(path, "pattern_ids.json"), {
+            layer.name: np.asarray(ids).tolist() for layer, ids in zip(ss.graph.layers, per_layer,
+                                                                        strict=True)
+        })  # fmt: skip
     ckpt.save_json(os.path.join(path, "summary.json"), summary)
 
 

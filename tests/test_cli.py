@@ -97,3 +97,45 @@ def test_main_job_smoke_end_to_end(tmp_path, capsys):
     row2 = row2["row"]
     assert row2["test_accuracy"] == row["test_accuracy"]
     assert row2["flops_reduction"] == row["flops_reduction"]
+
+
+def test_resnet20_cifar10_smoke_on_shared_data(tmp_path, tmp_path_factory, monkeypatch, capsys):
+    """The ResNet-20 CIFAR-10 row at smoke size on the real CIFAR-10 (JPEG) from ../shared/data."""
+    from conftest import shared_data_file
+
+    path = shared_data_file("cifar10-jpeg.tar.gz")
+    if path is None:
+        pytest.skip("../shared/data/cifar10-jpeg.tar.gz not present (developer/CI data only)")
+    # share the decoded-array cache with tests/test_data.py
+    monkeypatch.setenv("SCULPT_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "sculpt_jax_cache"))
+    wd = str(tmp_path / "cifar")
+    argv = [
+        "run", "--workdir", wd, "--model", "resnet20", "--dataset", "cifar10", "--data-dir", path,
+        "--config.max_train_examples=512", "--config.pretrain.epochs=1",
+        "--config.search.reward_set_size=128", "--config.search.iterations=1",
+        "--config.search.n_envs=2", "--config.search.n_steps=2", "--config.search.band=0.3",
+        "--config.search.method=magnitude", "--config.search.bn_recalib_batches=1",
+        "--config.search.bn_recalib_batch_size=64", "--config.finetune.epochs=1", "--quiet",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "| resnet20 | cifar10 | magnitude |" in capsys.readouterr().out
+    row = json.load(open(os.path.join(wd, "report", "results.json")))["row"]
+    assert 0.0 <= row["test_accuracy"] <= 1.0 and 0.0 <= row["dense_test_accuracy"] <= 1.0
+    assert abs(row["flops_reduction"] - 0.5) <= 0.3 + 1e-6
+    assert row["pruned_weights_exactly_zero"] is True
+
+
+def test_autocompress_method_through_the_main_job(tmp_path, capsys):
+    wd = str(tmp_path / "ac")
+    argv = ["run", "--workdir", wd, *SMOKE, "--method", "autocompress",
+            "--config.autocompress.rounds=1", "--config.autocompress.admm_iterations=1",
+            "--config.autocompress.admm_steps=2", "--config.autocompress.scheme=filter"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert "| resnet8_tiny | digits | autocompress |" in capsys.readouterr().out
+    row = json.load(open(os.path.join(wd, "report", "results.json")))["row"]
+    assert row["flops_reduction"] >= 0.5 - 0.03  # AutoCompress meets the hard constraint
+    assert row["pruned_weights_exactly_zero"] is True
+    # a second run reuses the saved AutoCompress result
+    assert cli.main(argv) == 0
+    row2 = json.load(open(os.path.join(wd, "report", "results.json")))["row"]
+    assert row2["test_accuracy"] == row["test_accuracy"]
