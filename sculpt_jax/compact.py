@@ -1,0 +1,1064 @@
+"""Physical compaction of pruned models and measured latency (layer 5).
+
+`compact(apply_fn, variables, graph, masks, sample_input)` turns a masked model into a smaller one
+with the same outputs, without any per-model code: it re-interprets the jaxpr of
+``apply_fn(variables, x, train=False)`` (params as jaxpr inputs, as `trace.trace_model` does) and
+represents every activation by its *kept* channels along one feature axis:
+
+* an activation value is ``(compact array, rep)`` where ``rep`` = (feature axis, sorted kept channel
+  indices ``idx`` of the full width ``C``, ``fill`` [C]): every dropped channel is known to be the
+  constant ``fill[c]`` at every position (0 after a removed filter: its kernel, bias and BN
+  scale/bias are zero, `masking.pattern_ids_to_masks`). ``rep = None`` means "full width".
+* a prunable conv / dense (kernel = a `LayerGraph` kernel leaf) reads only the input channels that
+  are kept or have a nonzero fill (dead input features are dropped together with the kernel entries
+  reading them) and writes only its alive filters (`flops.alive_features`); a depthwise conv keeps
+  the channels whose filter is alive AND whose input is kept (``feature_group_count`` shrinks).
+  Kernel rows/columns that are zero in every kept filter (row/column patterns shared by all alive
+  filters, e.g. reference6 pattern 3 = 011/011/011) are cropped (3x3 -> 3x2) with the padding
+  shifted, when the padding stays >= 0 and the conv is not dilated.
+* elementwise ops take the union of their operands' kept channels (a residual-stream channel is
+  dropped only where EVERY addend is dropped); per-channel parameter operands (BN, biases) are
+  sliced, and the fill is pushed through the op (so ``(0 - mean) * 0 + 0`` stays exactly 0);
+  structural ops (reshape, transpose, broadcast, slice, pad (option-A shortcuts pad the channel axis:
+  new channels are dropped with fill 0), concatenate, reductions and pooling over other axes) keep the
+  compact form; any other op gets its operands expanded back to full width (always correct).
+* parameter-only computations are folded on the host: the compact model's variables
+  (``compact_variables``) are the sliced, folded parameter operands of every op on activations,
+  keyed ``"<eqn id>.<operand>"``; the plan (every activation's rep and every decision) is static.
+
+``compact_apply_fn(compact_variables, x)`` is jitted; it re-traces the model's jaxpr for the batch
+size of ``x`` (shapes only) and replays the plan, so any batch size works.
+
+Params (`info`): ``params`` = kernel entries with mask != 0 kept in the compact kernels + affine
+entries (bias, BN scale/bias: `Layer.affine_paths`) of kept alive filters + every other parameter.
+Relation to the exact counter: ``params == flops.count_exact(graph, masks)["masked_params"]
+- dropped_kernel_entries - dropped_affine_entries`` where ``dropped_kernel_entries`` are nonzero-mask
+kernel entries of alive filters that read dead input features (their input is exactly 0, so
+compaction drops them) and ``dropped_affine_entries`` belong to alive filters whose output is zero
+anyway (a depthwise filter on a dead channel). Without removed filters both are 0 and ``params``
+equals ``masked_params``. ``stored_params`` counts every stored compact entry (kernels include the
+zeros of patterns that could not be cropped; BN statistics are folded in).
+
+Host-only: `compact`, `save_compact`, `load_compact`, `measure_latency`, `latency_report`. The
+returned ``compact_apply_fn`` is jittable. Sections: AutoSculpt (arXiv 2412.18091) Sec. 4
+(acceleration of pattern-pruned models by compaction); latency measurement is ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.extend.core as jcore
+import jax.numpy as jnp
+import numpy as np
+
+from sculpt_jax import checkpoint, flops, masking
+from sculpt_jax.tree_util import flatten_with_paths, path_of
+from sculpt_jax.types import LayerGraph
+
+__all__ = [
+    "compact",
+    "latency_report",
+    "load_compact",
+    "measure_latency",
+    "save_compact",
+]
+
+_CALLS = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "custom_vjp_call_jaxpr": "fun_jaxpr",
+    "remat": "jaxpr",
+    "remat2": "jaxpr",
+    "checkpoint": "jaxpr",
+}
+_ELEMENTWISE = {
+    "add", "sub", "mul", "div", "max", "min", "neg", "exp", "exp2", "log", "log1p", "expm1",
+    "tanh", "logistic", "rsqrt", "sqrt", "integer_pow", "pow", "erf", "erfc", "erf_inv", "abs",
+    "sign", "select_n", "convert_element_type", "square", "ge", "gt", "le", "lt", "eq", "ne",
+    "and", "or", "not", "copy", "copy_p", "stop_gradient", "sin", "cos", "reduce_precision",
+    "clamp", "cbrt", "floor", "ceil", "round", "is_finite", "nextafter", "rem", "atan2",
+}  # fmt: skip
+_REDUCE = {"reduce_sum", "reduce_max", "reduce_min"}
+_WINDOW = {"reduce_window_sum", "reduce_window_max", "reduce_window_min"}
+
+
+_alive_jit = jax.jit(flops.alive_features, static_argnums=0)
+
+
+class CompactError(ValueError):
+    """Compaction cannot proceed (message names the problem and the fix)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Representation of activations.
+
+
+@dataclasses.dataclass
+class _Rep:
+    """Static layout of a compact activation (see module docstring)."""
+
+    axis: int
+    idx: np.ndarray  # int64 [k], sorted kept channels
+    width: int
+    fill: np.ndarray  # [width], value of every dropped channel
+
+    def to_json(self) -> dict:
+        return {
+            "axis": self.axis,
+            "idx": self.idx.tolist(),
+            "width": self.width,
+            "fill": self.fill.astype(np.float64).tolist(),
+            "dtype": str(self.fill.dtype),
+        }
+
+    @staticmethod
+    def from_json(d: dict | None) -> _Rep | None:
+        if d is None:
+            return None
+        return _Rep(
+            int(d["axis"]),
+            np.asarray(d["idx"], np.int64),
+            int(d["width"]),
+            np.asarray(d["fill"], np.float64).astype(d["dtype"]),
+        )
+
+    def dropped(self) -> np.ndarray:
+        m = np.ones(self.width, bool)
+        m[self.idx] = False
+        return m
+
+
+@dataclasses.dataclass
+class _A:
+    """An activation: compact value and its rep (None = full width)."""
+
+    val: Any
+    rep: _Rep | None
+
+
+@dataclasses.dataclass
+class _P:
+    """A parameter-derived value (concrete when recording, None when replaying)."""
+
+    val: Any
+    path: tuple | None = None
+
+
+def _expand(a: _A, axis: int, target: np.ndarray):
+    """The compact value of `a` restricted/extended to channels `target` along `axis`."""
+    r = a.rep
+    target = np.asarray(target, np.int64)
+    if r is None:
+        if np.array_equal(target, np.arange(a.val.shape[axis])):
+            return a.val
+        return jnp.take(a.val, target, axis=axis)
+    if r.axis != axis:
+        raise CompactError("internal: expanding along the wrong axis")
+    pos = np.searchsorted(r.idx, target)
+    pos_c = np.clip(pos, 0, max(len(r.idx) - 1, 0))
+    present = (
+        (pos < len(r.idx)) & (r.idx[pos_c] == target) if len(r.idx) else np.zeros(len(target), bool)
+    )
+    if present.all() and np.array_equal(pos, np.arange(len(r.idx))):
+        return a.val
+    shape = [1] * a.val.ndim
+    shape[axis] = len(target)
+    if len(r.idx):
+        g = jnp.take(a.val, pos_c, axis=axis)
+    else:
+        sh = list(a.val.shape)
+        sh[axis] = len(target)
+        g = jnp.zeros(sh, a.val.dtype)
+    if present.all():
+        return g
+    fill = jnp.asarray(r.fill[target].astype(a.val.dtype).reshape(shape))
+    return jnp.where(jnp.asarray(present.reshape(shape)), g, fill)
+
+
+def _full(a: _A):
+    if a.rep is None:
+        return a.val
+    return _expand(a, a.rep.axis, np.arange(a.rep.width))
+
+
+def _const_along(v: np.ndarray, keep_axis: int | None) -> np.ndarray | None:
+    """`v` reduced (keepdims) along every axis but `keep_axis` where constant; None if not."""
+    out = v
+    for d in range(v.ndim):
+        if d == keep_axis or v.shape[d] == 1:
+            continue
+        first = np.take(out, [0], axis=d)
+        if not np.array_equal(out, np.broadcast_to(first, out.shape), equal_nan=True):
+            return None
+        out = first
+    return out
+
+
+def _reduce_const(v: np.ndarray) -> np.ndarray:
+    """`v` reduced (keepdims) along every axis where it is constant (batch-size independent)."""
+    out = v
+    for d in range(v.ndim):
+        if v.shape[d] == 1:
+            continue
+        first = np.take(out, [0], axis=d)
+        if np.array_equal(out, np.broadcast_to(first, out.shape), equal_nan=True):
+            out = first
+    return out
+
+
+def _shape_with(shape, axis, n):
+    s = list(shape)
+    if axis is not None:
+        s[axis] = n
+    return tuple(s)
+
+
+# --------------------------------------------------------------------------------------------
+# The interpreter (record: decide + execute; replay: execute stored decisions).
+
+
+class _Interp:
+    def __init__(self, *, record: bool, plan: dict, cvars: dict, layers_by_kernel=None,
+                 filter_alive=None, kernel_masks=None, crop: bool = True):  # fmt: skip
+        self.record = record
+        self.plan = plan
+        self.cvars = cvars
+        self.layers_by_kernel = layers_by_kernel or {}
+        self.filter_alive = filter_alive
+        self.kernel_masks = kernel_masks or {}
+        self.crop = crop
+        self.eid = 0
+        self.layer_info: dict[int, dict] = {}
+        self.pvals: dict = {}
+
+    def run(self, jaxpr, consts, args):
+        env: dict = {}
+
+        def read(v):
+            if isinstance(v, jcore.Literal):
+                return _P(np.asarray(v.val) if self.record else v.val)
+            return env[v]
+
+        for v, val in zip(jaxpr.constvars, consts, strict=True):
+            env[v] = val
+        for v, val in zip(jaxpr.invars, args, strict=True):
+            env[v] = val
+        for eqn in jaxpr.eqns:
+            ins = [read(v) for v in eqn.invars]
+            outs = self.eqn(eqn, ins)
+            for v, val in zip(eqn.outvars, outs, strict=True):
+                if not isinstance(v, jcore.DropVar):
+                    env[v] = val
+        return [read(v) for v in jaxpr.outvars]
+
+    def run_closed(self, closed, args):
+        if hasattr(closed, "consts"):
+            consts = [_P(np.asarray(c) if self.record else None) for c in closed.consts]
+            if not self.record:  # closed-over constants are needed at replay: keep them concrete
+                consts = [_P(c) for c in closed.consts]
+            return self.run(closed.jaxpr, consts, args)
+        return self.run(closed, [], args)
+
+    def eqn(self, eqn, ins):
+        name = eqn.primitive.name
+        eid = str(self.eid)
+        self.eid += 1
+        if name in _CALLS and _CALLS[name] in eqn.params:
+            sub = eqn.params[_CALLS[name]]
+            n = len(sub.jaxpr.invars if hasattr(sub, "jaxpr") else sub.invars)
+            return self.run_closed(sub, ins[len(ins) - n :] if n < len(ins) else ins)
+        if not any(isinstance(x, _A) for x in ins):
+            if not self.record:
+                if all(x.val is not None for x in ins):  # constants only (replay literals)
+                    outs = eqn.primitive.bind(*[x.val for x in ins], **eqn.params)
+                    outs = outs if eqn.primitive.multiple_results else [outs]
+                    return [_P(o) for o in outs]
+                return [_P(None) for _ in eqn.outvars]
+            outs = [self.pvals[f"{eid}:{k}"] for k in range(len(eqn.outvars))]
+            path = ins[0].path if (
+                len(ins) == 1 and name in ("convert_element_type", "copy", "copy_p")
+            ) else None  # fmt: skip
+            return [_P(np.asarray(o), path) for o in outs]
+        if self.record:
+            d = self.decide(eqn, ins, eid)
+            self.plan[eid] = d
+        else:
+            if eid not in self.plan:
+                raise CompactError(
+                    f"compact plan has no entry for equation {eid} ({name}); the model's jaxpr "
+                    "differs from the one it was compacted from: use the same apply_fn and JAX "
+                    "version, or re-run compact()."
+                )
+            d = self.plan[eid]
+        return self.execute(eqn, ins, eid, d)
+
+    # ---- helpers --------------------------------------------------------------------------
+
+    def _store_params(self, ins, eid, transform=None):
+        """Stores every parameter operand as a cvar (record) and returns operand list."""
+        for j, x in enumerate(ins):
+            if isinstance(x, _P) and self.record:
+                v = np.asarray(x.val)
+                v = transform(j, v) if transform else _reduce_const(v)
+                self.cvars[f"{eid}.{j}"] = v
+
+    def _pvals(self, eqn, ins, eid, target_shapes):
+        out = []
+        for j, x in enumerate(ins):
+            if isinstance(x, _P):
+                v = self.cvars[f"{eid}.{j}"]
+                v = jnp.asarray(v)
+                if target_shapes is not None and target_shapes[j] is not None:
+                    v = jnp.broadcast_to(v, target_shapes[j])
+                out.append(v)
+            else:
+                out.append(x)
+        return out
+
+    # ---- decisions (record only) ----------------------------------------------------------
+
+    def decide(self, eqn, ins, eid) -> dict:
+        name = eqn.primitive.name
+        acts = [x for x in ins if isinstance(x, _A)]
+        try:
+            if name == "conv_general_dilated" and self._kernel_layer(ins[1]) is not None:
+                if isinstance(ins[0], _A):
+                    return self.decide_conv(eqn, ins, eid)
+            if name == "dot_general":
+                for k in (0, 1):
+                    if isinstance(ins[1 - k], _A) and self._kernel_layer(ins[k]) is not None:
+                        return self.decide_dot(eqn, ins, eid, k)
+            if any(a.rep is None for a in acts):
+                return self.decide_full(eqn, ins, eid)
+            if name in _ELEMENTWISE:
+                return self.decide_ew(eqn, ins, eid)
+            if len(acts) == 1 and isinstance(ins[0], _A):
+                d = self.decide_struct(eqn, ins, eid)
+                if d is not None:
+                    return d
+            if name == "concatenate" and all(isinstance(x, _A) for x in ins):
+                d = self.decide_concat(eqn, ins)
+                if d is not None:
+                    return d
+        except _Fallback:
+            pass
+        return self.decide_full(eqn, ins, eid)
+
+    def _kernel_layer(self, x):
+        if isinstance(x, _P) and x.path is not None:
+            return self.layers_by_kernel.get(tuple(x.path))
+        return None
+
+    def decide_full(self, eqn, ins, eid):
+        self._store_params(ins, eid)
+        return {"kind": "full", "out": [None] * len(eqn.outvars)}
+
+    def decide_ew(self, eqn, ins, eid):
+        acts = [x for x in ins if isinstance(x, _A)]
+        axes = {a.rep.axis for a in acts}
+        widths = {a.rep.width for a in acts}
+        if len(axes) != 1 or len(widths) != 1:
+            raise _Fallback
+        axis, width = axes.pop(), widths.pop()
+        rank = len(eqn.outvars[0].aval.shape)
+        vecs, red = [], {}
+        for j, x in enumerate(ins):
+            if isinstance(x, _A):
+                if x.val.ndim != rank:
+                    raise _Fallback
+                vecs.append(x.rep.fill)
+                continue
+            v = np.asarray(x.val)
+            if v.ndim == 0:
+                r = v
+                vecs.append(np.full((width,), v, v.dtype))
+            elif v.ndim == rank:
+                r = _const_along(v, axis)
+                if r is None or r.shape[axis] not in (1, width):
+                    raise _Fallback
+                vecs.append(np.broadcast_to(r.reshape(-1), (width,)))
+            else:
+                raise _Fallback
+            red[j] = r
+        idx = np.unique(np.concatenate([a.rep.idx for a in acts]))
+        fill = _np_elementwise(eqn, vecs)
+        for j, r in red.items():
+            if r.ndim and r.shape[axis] == width:
+                r = np.take(r, idx, axis=axis)
+            self.cvars[f"{eid}.{j}"] = r
+        return {"kind": "ew", "axis": axis, "idx": idx.tolist(),
+                "out": [_Rep(axis, idx, width, fill).to_json()]}  # fmt: skip
+
+    def decide_struct(self, eqn, ins, eid):
+        name = eqn.primitive.name
+        a = ins[0]
+        r = a.rep
+        p = eqn.params
+        in_shape = tuple(a.val.shape)
+        in_shape = _shape_with(in_shape, r.axis, r.width)
+        out_shape = tuple(eqn.outvars[0].aval.shape)
+        new = None
+        if name == "reshape" and p.get("dimensions") is None and len(ins) == 1:
+            pre = math.prod(in_shape[: r.axis])
+            post = math.prod(in_shape[r.axis + 1 :])
+            for b in range(len(out_shape)):
+                if (math.prod(out_shape[:b]) == pre and out_shape[b] == r.width
+                        and math.prod(out_shape[b + 1:]) == post):  # fmt: skip
+                    new = _Rep(b, r.idx, r.width, r.fill)
+                    break
+        elif name == "transpose":
+            new = _Rep(list(p["permutation"]).index(r.axis), r.idx, r.width, r.fill)
+        elif name == "broadcast_in_dim" and len(ins) == 1:
+            new = _Rep(p["broadcast_dimensions"][r.axis], r.idx, r.width, r.fill)
+        elif name == "squeeze":
+            if r.axis not in p["dimensions"]:
+                new = _Rep(r.axis - sum(d < r.axis for d in p["dimensions"]), r.idx, r.width,
+                           r.fill)  # fmt: skip
+        elif name == "slice":
+            st = p.get("strides") or (1,) * len(in_shape)
+            if (p["start_indices"][r.axis] == 0 and p["limit_indices"][r.axis] == r.width
+                    and st[r.axis] == 1):  # fmt: skip
+                new = r
+        elif name in _REDUCE:
+            axes = tuple(p["axes"])
+            ok = r.axis not in axes and (
+                name != "reduce_sum" or not np.any(r.fill[r.dropped()] != 0)
+            )
+            if ok:
+                new = _Rep(r.axis - sum(d < r.axis for d in axes), r.idx, r.width, r.fill)
+        elif name in _WINDOW:
+            wd, ws = p["window_dimensions"], p["window_strides"]
+            pad = p["padding"]
+            ok = wd[r.axis] == 1 and ws[r.axis] == 1 and tuple(pad[r.axis]) == (0, 0)
+            ok = ok and all(x == 1 for x in p.get("base_dilation", ()) or ())
+            if name == "reduce_window_sum" and np.any(r.fill[r.dropped()] != 0):
+                ok = False
+            if ok:
+                new = r
+        elif name == "pad" and isinstance(ins[1], _P):
+            pv = np.asarray(ins[1].val)
+            cfg = [tuple(c) for c in p["padding_config"]]
+            lo, hi, interior = cfg[r.axis]
+            other = any(c != (0, 0, 0) for i, c in enumerate(cfg) if i != r.axis)
+            if interior == 0 and lo >= 0 and hi >= 0:
+                if not other or np.all(r.fill[r.dropped()] == pv):
+                    fill = np.concatenate([np.full(lo, pv, r.fill.dtype), r.fill,
+                                           np.full(hi, pv, r.fill.dtype)])  # fmt: skip
+                    new = _Rep(r.axis, r.idx + lo, r.width + lo + hi, fill)
+        if new is None:
+            return None
+        self._store_params(ins, eid)
+        return {"kind": "struct", "out": [new.to_json()]}
+
+    def decide_concat(self, eqn, ins):
+        dim = eqn.params["dimension"]
+        axes = {x.rep.axis for x in ins}
+        if len(axes) != 1 or axes != {dim}:
+            return None
+        idx, fill, off = [], [], 0
+        for x in ins:
+            idx.append(x.rep.idx + off)
+            fill.append(x.rep.fill)
+            off += x.rep.width
+        rep = _Rep(dim, np.concatenate(idx), off, np.concatenate(fill))
+        return {"kind": "struct", "out": [rep.to_json()]}
+
+    def _need(self, a: _A, feat: int, width: int) -> np.ndarray:
+        r = a.rep
+        if r is None or r.axis != feat:
+            return np.arange(width)
+        nz = np.nonzero((r.fill != 0) & r.dropped())[0]
+        return np.unique(np.concatenate([r.idx, nz]))
+
+    def decide_conv(self, eqn, ins, eid):
+        p = eqn.params
+        li = self._kernel_layer(ins[1])
+        layer = self.layers_by_kernel_layer[li]
+        dn = p["dimension_numbers"]
+        lf, (ro, ri), of = dn.lhs_spec[1], dn.rhs_spec[:2], dn.out_spec[1]
+        k = np.asarray(ins[1].val)
+        kmask = self.kernel_masks.get(layer.kernel_path)
+        kmask = np.ones(k.shape, bool) if kmask is None or kmask.shape != k.shape else kmask
+        a = ins[0]
+        width = a.val.shape[lf] if a.rep is None else a.rep.width
+        fcount = k.shape[ro]
+        g = p["feature_group_count"]
+        if p["batch_group_count"] != 1 or fcount != layer.out_features:
+            raise _Fallback
+        alive = np.asarray(self.filter_alive[li], bool)
+        need = self._need(a, lf, width)
+        if g == 1:
+            nzk = np.moveaxis(np.take(kmask, need, axis=ri), ro, 0).reshape(fcount, -1)
+            live = alive & nzk.any(axis=1)
+            out = np.nonzero(live)[0]
+            s = need
+        elif k.shape[ri] == 1 and g == width == fcount:
+            inset = np.zeros(width, bool)
+            inset[need] = True
+            live = alive & inset
+            out = np.nonzero(live)[0]
+            s = out
+        else:
+            live = np.ones(fcount, bool)
+            out = np.arange(fcount)
+            s = np.arange(width)
+        if len(out) == 0:
+            out = np.asarray([0])
+            s = out if g > 1 else s
+        kc = np.take(k, out, axis=ro)
+        mc = np.take(kmask, out, axis=ro)
+        if g == 1:
+            kc, mc = np.take(kc, s, axis=ri), np.take(mc, s, axis=ri)
+        new_g = len(out) if (g > 1 and k.shape[ri] == 1 and g == width == fcount) else g
+        padding = [list(x) for x in p["padding"]] if not isinstance(p["padding"], str) else None
+        crop = []
+        if (self.crop and padding is not None and all(d == 1 for d in p["rhs_dilation"])
+                and all(d == 1 for d in p["lhs_dilation"])):  # fmt: skip
+            for si, sd in enumerate(dn.rhs_spec[2:]):
+                other = tuple(d for d in range(kc.ndim) if d != sd)
+                nz = np.nonzero(np.any(mc, axis=other))[0]
+                if len(nz) == 0:
+                    continue
+                lo_cut, hi_cut = int(nz[0]), int(kc.shape[sd] - 1 - nz[-1])
+                lo_cut = min(lo_cut, padding[si][0])
+                hi_cut = min(hi_cut, padding[si][1])
+                if lo_cut or hi_cut:
+                    sl = np.arange(lo_cut, kc.shape[sd] - hi_cut)
+                    kc, mc = np.take(kc, sl, axis=sd), np.take(mc, sl, axis=sd)
+                    padding[si] = [padding[si][0] - lo_cut, padding[si][1] - hi_cut]
+                    crop.append((si, lo_cut, hi_cut))
+        self.cvars[f"{eid}.1"] = kc
+        self._layer_record(layer, width, s, out, live, alive, kmask, mc, kc, crop)
+        dtype = np.dtype(eqn.outvars[0].aval.dtype)
+        rep = _Rep(of, np.asarray(out, np.int64), fcount, np.zeros(fcount, dtype))
+        return {"kind": "conv", "in_axis": lf, "in_idx": np.asarray(s).tolist(),
+                "groups": int(new_g), "padding": padding, "out": [rep.to_json()]}  # fmt: skip
+
+    def decide_dot(self, eqn, ins, eid, kpos):
+        p = eqn.params
+        (lc, rc), (lb, rb) = p["dimension_numbers"]
+        if lb or rb:
+            raise _Fallback
+        li = self._kernel_layer(ins[kpos])
+        layer = self.layers_by_kernel_layer[li]
+        k = np.asarray(ins[kpos].val)
+        kmask = self.kernel_masks.get(layer.kernel_path)
+        kmask = np.ones(k.shape, bool) if kmask is None or kmask.shape != k.shape else kmask
+        a = ins[1 - kpos]
+        ac, kc_dims = (lc, rc) if kpos == 1 else (rc, lc)
+        kfree = [d for d in range(k.ndim) if d not in kc_dims]
+        if len(ac) == 1:
+            af = ac[0]
+            width = a.val.shape[af] if a.rep is None else a.rep.width
+            need = self._need(a, af, width)
+            kin = kc_dims[0]
+        else:
+            af, kin, need, width = None, None, None, None
+        alive = np.asarray(self.filter_alive[li], bool)
+        sliced_out = len(kfree) == 1 and k.shape[kfree[0]] == layer.out_features
+        kk, mm = k, kmask
+        if need is not None:
+            kk, mm = np.take(kk, need, axis=kin), np.take(mm, need, axis=kin)
+        if sliced_out:
+            ko = kfree[0]
+            nzk = np.moveaxis(mm, ko, 0).reshape(k.shape[ko], -1).any(axis=1)
+            live = alive & nzk
+            out = np.nonzero(live)[0]
+            if len(out) == 0:
+                out = np.asarray([0])
+            kk, mm = np.take(kk, out, axis=ko), np.take(mm, out, axis=ko)
+            a_nd = len(eqn.invars[1 - kpos].aval.shape)
+            if kpos == 1:
+                oaxis = a_nd - len(ac)
+            else:
+                oaxis = kfree.index(ko)
+            dtype = np.dtype(eqn.outvars[0].aval.dtype)
+            rep = _Rep(oaxis, np.asarray(out, np.int64), layer.out_features,
+                       np.zeros(layer.out_features, dtype)).to_json()  # fmt: skip
+        else:
+            live = np.ones(layer.out_features, bool)
+            out = np.arange(layer.out_features)
+            rep = None
+        self.cvars[f"{eid}.{kpos}"] = kk
+        s = need if need is not None else np.arange(layer.in_features)
+        self._layer_record(layer, layer.in_features, s, out, live, alive, kmask, mm, kk, [])
+        return {"kind": "dot", "kpos": kpos, "in_axis": af,
+                "in_idx": None if need is None else np.asarray(need).tolist(),
+                "out": [rep]}  # fmt: skip
+
+    def _layer_record(self, layer, width, s, out, live, alive, kmask, mc, kc, crop):
+        kept_alive = np.zeros(layer.out_features, bool)
+        kept_alive[np.asarray(out)] = True
+        kept_alive &= alive
+        self.layer_info[layer.index] = {
+            "name": layer.name,
+            "in_before": int(layer.in_features),
+            "in_after": int(len(s)),
+            "out_before": int(layer.out_features),
+            "out_after": int(len(out)),
+            "kernel_before": list(kmask.shape),
+            "kernel_after": list(kc.shape),
+            "cropped": [list(c) for c in crop],
+            "kept_kernel_entries": int(np.count_nonzero(mc)),
+            "masked_kernel_entries": int(np.count_nonzero(kmask)),
+            "kept_alive_filters": int(kept_alive.sum()),
+            "alive_filters": int(alive.sum()),
+        }
+
+    # ---- execution (record and replay) ----------------------------------------------------
+
+    def execute(self, eqn, ins, eid, d):
+        kind = d["kind"]
+        p = dict(eqn.params)
+        reps = [_Rep.from_json(r) for r in d["out"]]
+        in_shapes = [tuple(v.aval.shape) if hasattr(v.aval, "shape") else None
+                     for v in eqn.invars]  # fmt: skip
+        if kind == "full":
+            vals = self._pvals(eqn, ins, eid, in_shapes)
+            vals = [_full(x) if isinstance(x, _A) else x for x in vals]
+            outs = eqn.primitive.bind(*vals, **p)
+            outs = outs if eqn.primitive.multiple_results else [outs]
+            return [_A(o, None) for o in outs]
+        if kind == "ew":
+            axis, idx = d["axis"], np.asarray(d["idx"], np.int64)
+            tgt = _shape_with(eqn.outvars[0].aval.shape, axis, len(idx))
+            vals = self._pvals(eqn, ins, eid, [tgt] * len(ins))
+            vals = [_expand(x, axis, idx) if isinstance(x, _A) else x for x in vals]
+            return [_A(eqn.primitive.bind(*vals, **p), reps[0])]
+        if kind == "conv":
+            x = _expand(ins[0], d["in_axis"], np.asarray(d["in_idx"], np.int64)) if (
+                ins[0].rep is not None or d["in_idx"] is not None
+            ) else ins[0].val  # fmt: skip
+            if ins[0].rep is None and len(d["in_idx"]) == x.shape[d["in_axis"]]:
+                pass
+            w = jnp.asarray(self.cvars[f"{eid}.1"])
+            p["feature_group_count"] = d["groups"]
+            if d["padding"] is not None:
+                p["padding"] = tuple(tuple(int(v) for v in pp) for pp in d["padding"])
+            return [_A(eqn.primitive.bind(x, w, **p), reps[0])]
+        if kind == "dot":
+            kpos = d["kpos"]
+            a = ins[1 - kpos]
+            if d["in_idx"] is not None:
+                x = _expand(a, d["in_axis"], np.asarray(d["in_idx"], np.int64))
+            else:
+                x = _full(a)
+            w = jnp.asarray(self.cvars[f"{eid}.{kpos}"])
+            ops = [w, x] if kpos == 0 else [x, w]
+            return [_A(eqn.primitive.bind(*ops, **p), reps[0])]
+        if kind == "struct":
+            return [_A(self._exec_struct(eqn, ins, eid, reps[0], p), reps[0])]
+        raise CompactError(f"unknown plan entry kind {kind!r}; re-run compact().")
+
+    def _exec_struct(self, eqn, ins, eid, out_rep, p):
+        name = eqn.primitive.name
+        if name == "concatenate":
+            return eqn.primitive.bind(*[x.val for x in ins], **p)
+        a = ins[0]
+        r = a.rep
+        k = len(r.idx)
+        vals = [a.val] + [jnp.asarray(self.cvars[f"{eid}.{j}"]) for j in range(1, len(ins))]
+        if name == "reshape":
+            p["new_sizes"] = _shape_with(p["new_sizes"], out_rep.axis, k)
+        elif name == "broadcast_in_dim":
+            p["shape"] = _shape_with(p["shape"], out_rep.axis, k)
+        elif name == "slice":
+            lim = list(p["limit_indices"])
+            lim[r.axis] = k
+            p["limit_indices"] = tuple(lim)
+        elif name == "pad":
+            cfg = [tuple(c) for c in p["padding_config"]]
+            cfg[r.axis] = (0, 0, 0)
+            p["padding_config"] = tuple(cfg)
+            vals[1] = vals[1].reshape(()).astype(a.val.dtype)
+        return eqn.primitive.bind(*vals, **p)
+
+
+class _Fallback(Exception):
+    pass
+
+
+def _np_elementwise(eqn, vecs: list) -> np.ndarray:
+    """Host evaluation of an elementwise primitive on [C] vectors (fills); numpy first."""
+    name = eqn.primitive.name
+    p = eqn.params
+    dtype = np.dtype(eqn.outvars[0].aval.dtype)
+    v = [np.asarray(x) for x in vecs]
+    table = {
+        "add": lambda: v[0] + v[1], "sub": lambda: v[0] - v[1], "mul": lambda: v[0] * v[1],
+        "div": lambda: v[0] / v[1], "max": lambda: np.maximum(v[0], v[1]),
+        "min": lambda: np.minimum(v[0], v[1]), "neg": lambda: -v[0], "exp": lambda: np.exp(v[0]),
+        "log": lambda: np.log(v[0]), "log1p": lambda: np.log1p(v[0]),
+        "expm1": lambda: np.expm1(v[0]), "tanh": lambda: np.tanh(v[0]),
+        "logistic": lambda: 1 / (1 + np.exp(-v[0])), "rsqrt": lambda: 1 / np.sqrt(v[0]),
+        "sqrt": lambda: np.sqrt(v[0]), "abs": lambda: np.abs(v[0]),
+        "sign": lambda: np.sign(v[0]), "square": lambda: v[0] * v[0],
+        "integer_pow": lambda: v[0] ** p["y"], "pow": lambda: v[0] ** v[1],
+        "convert_element_type": lambda: v[0], "copy": lambda: v[0], "copy_p": lambda: v[0],
+        "stop_gradient": lambda: v[0], "reduce_precision": lambda: v[0],
+        "ge": lambda: v[0] >= v[1], "gt": lambda: v[0] > v[1], "le": lambda: v[0] <= v[1],
+        "lt": lambda: v[0] < v[1], "eq": lambda: v[0] == v[1], "ne": lambda: v[0] != v[1],
+        "select_n": lambda: np.choose(v[0].astype(np.int64), v[1:]),
+    }  # fmt: skip
+    if name in table and not (name == "div" and np.issubdtype(dtype, np.integer)):
+        with np.errstate(all="ignore"):
+            out = table[name]()
+        return np.asarray(out).astype(dtype)
+    with jax.ensure_compile_time_eval():
+        out = eqn.primitive.bind(*[jnp.asarray(x) for x in vecs], **p)
+    return np.asarray(out).astype(dtype)
+
+
+def _param_pass(closed, leaves):
+    """Values of every parameter-only equation output, keyed "<eqn id>:<k>" (jit this)."""
+    counter = [0]
+    res: dict = {}
+
+    def run(jaxpr, consts, args):
+        env: dict = {}
+
+        def read(v):
+            return v.val if isinstance(v, jcore.Literal) else env[v]
+
+        for v, val in zip(jaxpr.constvars, consts, strict=True):
+            env[v] = val
+        for v, val in zip(jaxpr.invars, args, strict=True):
+            env[v] = val
+        for eqn in jaxpr.eqns:
+            ins = [read(v) for v in eqn.invars]
+            eid = counter[0]
+            counter[0] += 1
+            name = eqn.primitive.name
+            if name in _CALLS and _CALLS[name] in eqn.params:
+                sub = eqn.params[_CALLS[name]]
+                n = len(sub.jaxpr.invars if hasattr(sub, "jaxpr") else sub.invars)
+                sub_args = ins[len(ins) - n :] if n < len(ins) else ins
+                if hasattr(sub, "consts"):
+                    outs = run(sub.jaxpr, list(sub.consts), sub_args)
+                else:
+                    outs = run(sub, [], sub_args)
+            elif any(x is None for x in ins):
+                outs = [None] * len(eqn.outvars)
+            else:
+                outs = eqn.primitive.bind(*ins, **eqn.params)
+                outs = outs if eqn.primitive.multiple_results else [outs]
+                for k, o in enumerate(outs):
+                    res[f"{eid}:{k}"] = o
+            for v, val in zip(eqn.outvars, outs, strict=True):
+                if not isinstance(v, jcore.DropVar):
+                    env[v] = val
+        return [read(v) for v in jaxpr.outvars]
+
+    run(closed.jaxpr, list(closed.consts), list(leaves) + [None])
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+
+
+def _flat_leaves(variables):
+    flat, treedef = jax.tree_util.tree_flatten_with_path(variables)
+    return [path_of(kp) for kp, _ in flat], [x for _, x in flat], treedef
+
+
+def _jaxpr_for(apply_fn, treedef, abstract_leaves, x_struct):
+    def fn(leaves_, x):
+        return apply_fn(jax.tree_util.tree_unflatten(treedef, leaves_), x, train=False)
+
+    return jax.make_jaxpr(fn)(abstract_leaves, x_struct)
+
+
+def _make_compact_fn(apply_fn, treedef, abstract_leaves, plan, out_treedef):
+    """The jitted ``compact_apply_fn(compact_variables, x)`` replaying `plan`."""
+
+    def run(cvars, x):
+        xs = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        closed = _jaxpr_for(apply_fn, treedef, abstract_leaves, xs)
+        interp = _Interp(record=False, plan=plan, cvars=cvars)
+        args = [_P(None) for _ in abstract_leaves] + [_A(x, None)]
+        outs = interp.run_closed(closed, args)
+        res = []
+        for o in outs:
+            if not isinstance(o, _A):
+                raise CompactError("model output does not depend on the input; nothing to run.")
+            res.append(_full(o))
+        return jax.tree_util.tree_unflatten(out_treedef, res)
+
+    return jax.jit(run)
+
+
+def compact(
+    apply_fn: Callable,
+    variables: Any,
+    graph: LayerGraph,
+    masks: Any,
+    sample_input: Any,
+    *,
+    crop: bool = True,
+) -> tuple[Callable, dict[str, np.ndarray], dict]:
+    """Builds the physically smaller model equal to the masked one (host-only; see module doc).
+
+    Args:
+      apply_fn: pure ``apply_fn(variables, x, train=False)`` (Linen: ``model.apply``).
+      variables: the model's variables dict (concrete arrays).
+      graph: its `LayerGraph` (`trace.trace_model`).
+      masks: mask pytree mirroring ``variables["params"]`` (float 0/1), or None (dense).
+      sample_input: an array ``[B, ...]`` (values unused; shape/dtype define the trace).
+      crop: crop kernel rows/columns zero in every kept filter (3x3 -> 3x2 etc.).
+    Returns:
+      (compact_apply_fn, compact_variables, info): ``compact_apply_fn(compact_variables, x)`` is
+      jitted and equals ``apply_fn(apply_masks(variables, masks), x, train=False)`` for any batch
+      size; compact_variables is a flat dict ``{"<eqn>.<operand>": np.ndarray}``; info is a
+      JSON-able dict (params, masked_params, dropped_kernel_entries, dropped_affine_entries,
+      stored_params, dense_stored_params, layers: per-layer widths before/after, plan (for export)).
+    """
+    if not hasattr(sample_input, "shape") or len(sample_input.shape) < 1:
+        raise CompactError(
+            "sample_input must be an array [B, ...], e.g. jnp.zeros((1, 32, 32, 3)); got "
+            f"{type(sample_input).__name__}."
+        )
+    if masks is None:
+        masks = masking.ones_masks(variables)
+    masked_vars = masking.apply_masks(variables, masks)
+    paths, leaves, treedef = _flat_leaves(masked_vars)
+    leaves = [np.asarray(x) for x in leaves]
+    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+    filter_alive, _ = _alive_jit(graph, masks)
+    filter_alive = [np.asarray(a) for a in filter_alive]
+    mflat = flatten_with_paths(masks)
+    kernel_masks = {}
+    for layer in graph.layers:
+        rel = tuple(layer.kernel_path[1:]) if layer.kernel_path[0] == "params" else None
+        m = mflat.get(rel, mflat.get(tuple(layer.kernel_path)))
+        if m is not None:
+            kernel_masks[layer.kernel_path] = np.asarray(m) != 0
+    by_kernel = {layer.kernel_path: layer.index for layer in graph.layers}
+    interp = _Interp(record=True, plan={}, cvars={}, layers_by_kernel=by_kernel,
+                     filter_alive=filter_alive, kernel_masks=kernel_masks, crop=crop)  # fmt: skip
+    interp.layers_by_kernel_layer = graph.layers
+    xs = jax.ShapeDtypeStruct(tuple(sample_input.shape), sample_input.dtype)
+    closed = _jaxpr_for(apply_fn, treedef, abstract, xs)
+    pvals = jax.jit(lambda lv: _param_pass(closed, lv))(leaves)
+    interp.pvals = {k: np.asarray(v) for k, v in pvals.items()}
+    args = [_P(v, p) for v, p in zip(leaves, paths, strict=True)]
+
+    def record(x):
+        outs = interp.run_closed(closed, args + [_A(x, None)])
+        return [_full(o) for o in outs if isinstance(o, _A)]
+
+    jax.eval_shape(record, xs)
+    outs = None
+    out_shape = jax.eval_shape(
+        lambda v, x: apply_fn(v, x, train=False), masked_vars, xs
+    )  # fmt: skip
+    out_treedef = jax.tree.structure(out_shape)
+    del outs
+    plan = interp.plan
+    cvars = interp.cvars
+    fn = _make_compact_fn(apply_fn, treedef, abstract, plan, out_treedef)
+    info = _info(graph, masks, interp.layer_info, cvars, leaves, kernel_masks, filter_alive)
+    info["plan"] = plan
+    info["leaf_shapes"] = [[list(a.shape), str(a.dtype)] for a in abstract]
+    info["leaf_paths"] = [list(p) for p in paths]
+    return fn, cvars, info
+
+
+def _info(graph, masks, layer_info, cvars, leaves, kernel_masks, filter_alive) -> dict:
+    exact = flops.count_exact(graph, masks)
+    affine_owner: dict = {}
+    for layer in graph.layers:
+        for ap in layer.affine_paths:
+            affine_owner.setdefault(ap, layer.index)
+    n_kernel = sum({la.kernel_path: la.params for la in graph.layers}.values())
+    n_affine = sum(graph.layers[li].out_features for li in affine_owner.values())
+    other = graph.total_params - n_kernel - n_affine
+    kept_k = dropped_k = kept_aff = dropped_aff = 0
+    layer_info = dict(layer_info)
+    for layer in graph.layers:  # prunable ops left uncompacted (full fallback): kept as they are
+        if layer.index not in layer_info:
+            km = kernel_masks.get(layer.kernel_path)
+            n = int(np.count_nonzero(km)) if km is not None else layer.params
+            a = int(np.sum(filter_alive[layer.index]))
+            layer_info[layer.index] = {
+                "name": layer.name, "in_before": layer.in_features,
+                "in_after": layer.in_features, "out_before": layer.out_features,
+                "out_after": layer.out_features, "kernel_before": list(layer.kernel_shape),
+                "kernel_after": list(layer.kernel_shape), "cropped": [],
+                "kept_kernel_entries": n, "masked_kernel_entries": n,
+                "kept_alive_filters": a, "alive_filters": a, "uncompacted": True,
+            }  # fmt: skip
+    for d in layer_info.values():
+        kept_k += d["kept_kernel_entries"]
+        dropped_k += d["masked_kernel_entries"] - d["kept_kernel_entries"]
+    for li in affine_owner.values():
+        d = layer_info.get(li)
+        if d is None:
+            continue
+        kept_aff += d["kept_alive_filters"]
+        dropped_aff += d["alive_filters"] - d["kept_alive_filters"]
+    return {
+        "params": int(kept_k + kept_aff + other),
+        "masked_params": int(exact["masked_params"]),
+        "dense_params": int(exact["dense_params"]),
+        "dropped_kernel_entries": int(dropped_k),
+        "dropped_affine_entries": int(dropped_aff),
+        "stored_params": int(sum(np.size(v) for v in cvars.values())),
+        "dense_stored_params": int(sum(np.size(v) for v in leaves)),
+        "masked_flops": int(exact["masked_flops"]),
+        "dense_flops": int(exact["dense_flops"]),
+        "flops_reduction": float(exact["flops_reduction"]),
+        "layers": [dict(layer_info[i], index=i) for i in sorted(layer_info)],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Export.
+
+
+def save_compact(path: str | os.PathLike, compact_variables: dict, info: dict) -> None:
+    """Saves a compact model: ``<path>/variables`` (orbax) and ``<path>/compact.json`` (host-only).
+
+    The JSON holds the plan (every activation's kept channels and fill, every decision), the
+    original leaf shapes/dtypes and the param counts; no masks are needed to load it.
+    """
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(path, exist_ok=True)
+    tree = {k.replace(".", "_"): np.asarray(v) for k, v in compact_variables.items()}
+    checkpoint.save_pytree(os.path.join(path, "variables"), tree)
+    meta = {k: v for k, v in info.items()}
+    meta["keys"] = sorted(compact_variables)
+    checkpoint.save_json(os.path.join(path, "compact.json"), meta)
+
+
+def load_compact(
+    path: str | os.PathLike, apply_fn: Callable, variables_like: Any = None
+) -> tuple[Callable, dict[str, np.ndarray], dict]:
+    """Loads `save_compact` output: (compact_apply_fn, compact_variables, info) (host-only).
+
+    Args:
+      path: the folder given to `save_compact`.
+      apply_fn: the ORIGINAL model's ``apply_fn(variables, x, train=False)`` (its jaxpr is re-traced
+        with abstract leaves of the stored shapes, so no weights or masks are needed; a sample input
+        is not needed either: the jaxpr is traced for each input shape the function sees).
+      variables_like: optional original variables (or ShapeDtypeStructs) to define the tree
+        structure; without it the stored leaf paths rebuild a nested dict (Linen layout).
+    The loaded function returns ONE array (the model output must be a single array, as in the
+    zoo); use `compact` directly for models with pytree outputs.
+    """
+    path = os.path.abspath(os.fspath(path))
+    meta_path = os.path.join(path, "compact.json")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"no compact model at {path!r} (missing compact.json); run "
+                                "save_compact first.")  # fmt: skip
+    info = checkpoint.load_json(meta_path)
+    raw = checkpoint.load_pytree(os.path.join(path, "variables"))
+    cvars = {k: np.asarray(raw[k.replace(".", "_")]) for k in info["keys"]}
+    shapes = [jax.ShapeDtypeStruct(tuple(s), np.dtype(t)) for s, t in info["leaf_shapes"]]
+    if variables_like is None:
+        tree: dict = {}
+        for p, s in zip(info["leaf_paths"], shapes, strict=True):
+            node = tree
+            for k in p[:-1]:
+                node = node.setdefault(k, {})
+            node[p[-1]] = s
+        variables_like = tree
+    paths, _, treedef = _flat_leaves(variables_like)
+    if [list(p) for p in paths] != info["leaf_paths"]:
+        raise CompactError(f"{path!r}: variables_like does not match the stored leaf paths; pass "
+                           "the original model's variables (or omit variables_like).")  # fmt: skip
+    out_shape = None
+    plan = info["plan"]
+    # output structure: a single array for the zoo; traced lazily otherwise
+    out_treedef = jax.tree.structure(out_shape if out_shape is not None else 0)
+    fn = _make_compact_fn(apply_fn, treedef, shapes, plan, out_treedef)
+    return fn, cvars, info
+
+
+# --------------------------------------------------------------------------------------------
+# Latency.
+
+
+def measure_latency(
+    apply_fn: Callable, variables: Any, x: Any, *, repeats: int = 50, warmup: int = 5
+) -> dict[str, float]:
+    """Median / p10 / p90 milliseconds of a jitted forward ``apply_fn(variables, x)`` (host-only).
+
+    The function is jitted (with ``variables`` as an argument), compiled and warmed `warmup` times;
+    every timed run blocks until the result is ready.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}; pass repeats=50 or so.")
+    f = jax.jit(apply_fn)
+    variables = jax.tree.map(jnp.asarray, variables)
+    x = jnp.asarray(x)
+    jax.block_until_ready(f(variables, x))
+    for _ in range(warmup):
+        jax.block_until_ready(f(variables, x))
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(variables, x))
+        ts.append((time.perf_counter() - t) * 1e3)
+    q = np.percentile(ts, [10, 90])
+    return {"median_ms": float(statistics.median(ts)), "p10": float(q[0]), "p90": float(q[1]),
+            "repeats": repeats}  # fmt: skip
+
+
+def latency_report(
+    apply_fn: Callable,
+    variables: Any,
+    graph: LayerGraph,
+    masks: Any,
+    sample_input: Any,
+    *,
+    batches: tuple[int, ...] = (1, 256),
+    repeats: int = 20,
+    warmup: int = 3,
+    compacted: tuple | None = None,
+) -> dict:
+    """Latency of the dense, masked and compacted model at each batch size (JSON-able dict).
+
+    ``apply_fn(variables, x, train=False)``; `sample_input` ``[B, ...]`` gives the example shape.
+    Returns {"flops": {...}, "params": {...}, "batches": {str(b): {"dense", "masked",
+    "compact": measure_latency dicts, "speedup_compact", "speedup_masked"}}}.
+    """
+    fn, cv, info = compacted or compact(apply_fn, variables, graph, masks, sample_input)
+    masked_vars = masking.apply_masks(variables, masks)
+
+    def dense_apply(v, x):
+        return apply_fn(v, x, train=False)
+
+    out = {
+        "flops": {"dense": info["dense_flops"], "masked": info["masked_flops"],
+                  "ratio": info["masked_flops"] / info["dense_flops"]},
+        "params": {k: info[k] for k in ("dense_params", "masked_params", "params",
+                                        "stored_params")},
+        "batches": {},
+    }  # fmt: skip
+    shape = tuple(sample_input.shape[1:])
+    for b in batches:
+        x = jax.random.normal(jax.random.key(b), (b, *shape), jnp.float32)
+        n = repeats if b <= 8 else max(3, repeats // 4)
+        d = measure_latency(dense_apply, variables, x, repeats=n, warmup=warmup)
+        m = measure_latency(dense_apply, masked_vars, x, repeats=n, warmup=warmup)
+        c = measure_latency(fn, cv, x, repeats=n, warmup=warmup)
+        out["batches"][str(b)] = {
+            "dense": d, "masked": m, "compact": c,
+            "speedup_compact": d["median_ms"] / c["median_ms"],
+            "speedup_masked": d["median_ms"] / m["median_ms"],
+        }  # fmt: skip
+    return json.loads(json.dumps(out))

@@ -1,0 +1,184 @@
+"""Physical compaction (sculpt_jax.compact): compact forward == masked forward, exact param relation,
+kernel cropping, export round trip."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sculpt_jax import compact as C
+from sculpt_jax import masking, trace
+from sculpt_jax.models import get_model, init_model
+from sculpt_jax.tree_util import map_with_path
+from sculpt_jax.types import ALWAYS_ALIVE
+
+MODELS = {  # name: (input hw, model kwargs)
+    "resnet8_tiny": (8, {}),
+    "resnet20": (8, {}),
+    "mobilenet_v2_tiny": (16, {}),
+    "vgg_tiny": (16, {}),
+    "vit_tiny": (16, {}),
+}
+_CACHE: dict = {}
+
+
+def _perturb(variables, key):
+    """Random non-trivial BN statistics / affine params (so fills are not trivially zero)."""
+
+    def f(path, x):
+        k = jax.random.fold_in(key, hash(path) % (1 << 30))
+        n = jax.random.normal(k, x.shape, x.dtype)
+        if path[-1] == "var":
+            return 0.5 + jnp.abs(n)
+        if x.ndim == 1:
+            return x + 0.3 * n
+        return x
+
+    return map_with_path(f, variables)
+
+
+def setup(name):
+    if name not in _CACHE:
+        hw, kw = MODELS[name]
+        model = get_model(name, **kw)
+        v = init_model(model, jax.random.key(0), (hw, hw, 3))
+        v = _perturb(v, jax.random.key(1))
+        x = jax.random.normal(jax.random.key(2), (2, hw, hw, 3), jnp.float32)
+        graph = trace.trace_model(model.apply, v, x)
+        fwd = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        _CACHE[name] = (model, v, x, graph, fwd)
+    return _CACHE[name]
+
+
+def random_pattern_masks(graph, v, seed, low=0):
+    rng = np.random.default_rng(seed)
+    ids = {
+        i: jnp.asarray(rng.integers(low, 6, layer.out_features), jnp.int32)
+        for i, layer in enumerate(graph.layers)
+    }
+    return masking.pattern_ids_to_masks(graph, v, ids)
+
+
+def structured_masks(graph, v):
+    """Whole filters removed: the weakest half of every layer but the head, and filters 0 and 1 of
+    EVERY member of each coupled (residual) group, so whole residual-stream channels die."""
+    last = graph.n_layers - 1
+    ids = {}
+    for group in graph.coupled_groups:
+        for li in group:
+            layer = graph.layers[li]
+            f = layer.out_features
+            if li == last or f < 4:
+                continue
+            kernel = masking._kernel_of(v, layer)
+            sampled = jnp.asarray([0] * (f // 2) + [5] * (f - f // 2), jnp.int32)
+            layer_ids = np.array(masking.place_by_importance(kernel, layer, sampled))
+            if len(group) > 1:
+                layer_ids[:2] = 0
+            ids[li] = jnp.asarray(layer_ids)
+    return masking.pattern_ids_to_masks(graph, v, ids)
+
+
+def check(name, masks, batch=None):
+    model, v, x, graph, fwd = setup(name)
+    fn, cv, info = C.compact(model.apply, v, graph, masks, x)
+    xs = x if batch is None else jax.random.normal(jax.random.key(3), (batch, *x.shape[1:]))
+    ref = fwd(masking.apply_masks(v, masks), xs)
+    out = fn(cv, xs)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-4, rtol=0)
+    # documented exact relation to the exact counter
+    assert info["params"] == (
+        info["masked_params"] - info["dropped_kernel_entries"] - info["dropped_affine_entries"]
+    )
+    return fn, cv, info
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_random_patterns_equal_masked_and_params_exact(name):
+    _, v, _, graph, _ = setup(name)
+    # ids 1..5: no filter removed -> nothing read from a dead channel -> params == exact count
+    masks = random_pattern_masks(graph, v, seed=0, low=1)
+    _, _, info = check(name, masks)
+    assert info["dropped_kernel_entries"] == 0 and info["dropped_affine_entries"] == 0
+    assert info["params"] == info["masked_params"]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_structured_masks_equal_masked_and_shrink(name):
+    _, v, _, graph, _ = setup(name)
+    masks = structured_masks(graph, v)
+    _, cv, info = check(name, masks, batch=3)  # another batch size than the sample's
+    assert info["stored_params"] < info["dense_stored_params"]
+    pruned = [d for d in info["layers"] if d["out_after"] < d["out_before"]]
+    assert pruned, "no layer lost filters"
+    if name.startswith("resnet"):
+        # a consumer of the residual stream reads fewer channels: stream channels were dropped
+        shrunk_stream = [
+            d
+            for d in info["layers"]
+            if any(s.kind == "residual" for s in graph.layers[d["index"]].sources)
+            and d["in_after"] < d["in_before"]
+        ]
+        assert shrunk_stream
+        assert info["dropped_kernel_entries"] > 0
+
+
+def test_mixed_random_patterns_with_removal():
+    _, v, _, graph, _ = setup("resnet8_tiny")
+    check("resnet8_tiny", random_pattern_masks(graph, v, seed=1, low=0))
+
+
+def test_option_a_shortcut_channels_dropped_exactly():
+    """Option-A zero-padded channels and removed stem filters never reach a conv as width."""
+    _, v, _, graph, _ = setup("resnet8_tiny")
+    masks = structured_masks(graph, v)
+    _, _, info = check("resnet8_tiny", masks)
+    by_index = {d["index"]: d for d in info["layers"]}
+    for layer in graph.layers:
+        d = by_index[layer.index]
+        feeders = [s for s in layer.sources if s.producer != ALWAYS_ALIVE]
+        if feeders and d["in_after"] < d["in_before"]:
+            assert d["kernel_after"][layer.kernel_in_axes[0]] == d["in_after"]
+
+
+@pytest.mark.parametrize("pid, shape", [(3, (3, 2)), (4, (2, 3))])
+def test_kernel_cropping(pid, shape):
+    _, v, _, graph, _ = setup("vgg_tiny")
+    li = next(i for i, la in enumerate(graph.layers) if la.kernel_size == (3, 3) and i > 0)
+    layer = graph.layers[li]
+    masks = masking.pattern_ids_to_masks(
+        graph, v, {li: jnp.full((layer.out_features,), pid, jnp.int32)}
+    )
+    _, _, info = check("vgg_tiny", masks)
+    d = next(d for d in info["layers"] if d["index"] == li)
+    assert tuple(d["kernel_after"][:2]) == shape
+    assert d["cropped"]
+    assert info["params"] == info["masked_params"]
+    # without cropping the kernel stays 3x3 and the output is the same
+    model, vv, x, _, _ = setup("vgg_tiny")
+    fn2, cv2, info2 = C.compact(model.apply, vv, graph, masks, x, crop=False)
+    d2 = next(d for d in info2["layers"] if d["index"] == li)
+    assert tuple(d2["kernel_after"][:2]) == (3, 3)
+
+
+def test_export_round_trip(tmp_path):
+    model, v, x, graph, _ = setup("resnet8_tiny")
+    masks = structured_masks(graph, v)
+    fn, cv, info = C.compact(model.apply, v, graph, masks, x)
+    C.save_compact(tmp_path / "m", cv, info)
+    fn2, cv2, info2 = C.load_compact(tmp_path / "m", model.apply)
+    assert sorted(cv2) == sorted(cv)
+    for k in cv:
+        np.testing.assert_array_equal(cv2[k], cv[k])
+    np.testing.assert_array_equal(np.asarray(fn2(cv2, x)), np.asarray(fn(cv, x)))
+    assert info2["params"] == info["params"]
+    with pytest.raises(FileNotFoundError, match="save_compact"):
+        C.load_compact(tmp_path / "nothing", model.apply)
+
+
+def test_measure_latency_fields():
+    _, v, x, _, fwd = setup("resnet8_tiny")
+    r = C.measure_latency(lambda v, x: fwd(v, x), v, x, repeats=3, warmup=1)
+    assert set(r) >= {"median_ms", "p10", "p90"}
+    assert 0 < r["p10"] <= r["median_ms"] <= r["p90"]
