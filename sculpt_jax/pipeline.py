@@ -522,6 +522,27 @@ def load_export(path: str, like_variables) -> tuple[Any, Any, dict]:
     return variables, masks, ckpt.load_json(os.path.join(path, "summary.json"))
 
 
+def measure_latency(s: Setup, variables, masks, ss: SearchSetup, compact_dir: str,
+                    batches=(1, 256)) -> dict:  # fmt: skip
+    """Compacts the pruned model (exported to `compact_dir`, loadable without masks) and measures
+    dense / masked / compacted latency on this device; returns flat ``latency_*`` row keys."""
+    from sculpt_jax import compact as compact_lib
+
+    # The raw model on normalised input: normalisation is not part of the pruned network.
+    x = data_lib.normalize(s.splits.test.arrays[0][:1], s.splits.mean, s.splits.std)
+    compacted = compact_lib.compact(s.model.apply, variables, ss.graph, masks, x)
+    compact_lib.save_compact(compact_dir, compacted[1], compacted[2])
+    rep = compact_lib.latency_report(s.model.apply, variables, ss.graph, masks, x,
+                                     batches=batches, compacted=compacted)  # fmt: skip
+    out = {"latency_device": jax.devices()[0].device_kind,
+           "compact_params": int(compacted[2]["params"])}  # fmt: skip
+    for b, r in rep["batches"].items():
+        for kind in ("dense", "masked", "compact"):
+            out[f"latency_ms_{kind}_b{b}"] = float(r[kind]["median_ms"])
+        out[f"speedup_compact_b{b}"] = float(r["speedup_compact"])
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # run
 
@@ -539,7 +560,11 @@ def run(cfg, *, overwrite: bool = False) -> dict:
     fin = finetune(cfg, overwrite=overwrite, s=s, variables=pre["variables"], searched=searched)
     dense_test = ft.evaluate(ft.make_eval_step(s.apply_fn), pre["variables"],
                              *s.splits.test.arrays, 256)["accuracy"]  # fmt: skip
-    row = dict(fin["summary"], dense_val_accuracy=pre["val_accuracy"],
+    latency = {}
+    if cfg.report.latency:
+        latency = measure_latency(s, fin["variables"], fin["masks"], searched["search_setup"],
+                                  os.path.join(cfg.workdir, "export", "compact"))  # fmt: skip
+    row = dict(fin["summary"], **latency, dense_val_accuracy=pre["val_accuracy"],
                dense_test_accuracy=dense_test, search_seconds=t_search,
                total_seconds=time.perf_counter() - t0)  # fmt: skip
     from sculpt_jax import report

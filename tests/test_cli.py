@@ -74,6 +74,9 @@ def test_main_job_smoke_end_to_end(tmp_path, capsys):
     assert abs(row["flops_reduction"] - 0.5) <= 0.2 + 1e-6  # inside the target band
     assert row["pruned_weights_exactly_zero"] is True
     assert row["masked_flops"] < row["dense_flops"]
+    for b in ("b1", "b256"):  # latency of dense, masked and compacted models was measured
+        assert all(row[f"latency_ms_{k}_{b}"] > 0 for k in ("dense", "masked", "compact"))
+    assert os.path.exists(os.path.join(wd, "export", "compact", "compact.json"))
 
     # The export loads back without the search and evaluates to the same accuracy, pruned = 0.
     from sculpt_jax import config as config_lib
@@ -116,6 +119,7 @@ def test_resnet20_cifar10_smoke_on_shared_data(tmp_path, tmp_path_factory, monke
         "--config.search.n_envs=2", "--config.search.n_steps=2", "--config.search.band=0.3",
         "--config.search.method=magnitude", "--config.search.bn_recalib_batches=1",
         "--config.search.bn_recalib_batch_size=64", "--config.finetune.epochs=1", "--quiet",
+        "--config.report.latency=false",
     ]  # fmt: skip
     assert cli.main(argv) == 0
     assert "| resnet20 | cifar10 | magnitude |" in capsys.readouterr().out
@@ -129,7 +133,8 @@ def test_autocompress_method_through_the_main_job(tmp_path, capsys):
     wd = str(tmp_path / "ac")
     argv = ["run", "--workdir", wd, *SMOKE, "--method", "autocompress",
             "--config.autocompress.rounds=1", "--config.autocompress.admm_iterations=1",
-            "--config.autocompress.admm_steps=2", "--config.autocompress.scheme=filter"]  # fmt: skip
+            "--config.autocompress.admm_steps=2", "--config.autocompress.scheme=filter",
+            "--config.report.latency=false"]  # fmt: skip
     assert cli.main(argv) == 0
     assert "| resnet8_tiny | digits | autocompress |" in capsys.readouterr().out
     row = json.load(open(os.path.join(wd, "report", "results.json")))["row"]
