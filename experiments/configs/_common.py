@@ -1,0 +1,142 @@
+"""Shared helpers of the paper-table configs (not a config itself: it has no `get_config`).
+
+Config files are loaded by path (`sculpt_jax.config.load_config("FILE.py[:variant]")`), so each one
+imports this module after putting its own folder on `sys.path`. Every helper only assigns keys that
+exist in `sculpt_jax.config.get_default_config()`; `base` locks the default first, so a misspelled
+key fails at load time instead of silently adding a field nobody reads.
+
+Variants are comma-separated tokens, e.g. ``"t30,smoke"``; `parse_variant` validates them.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from sculpt_jax.config import get_default_config
+
+TARGETS = {"t30": 0.3, "t50": 0.5, "t70": 0.7}
+
+
+def parse_variant(variant: str | None, allowed: tuple[str, ...]) -> list[str]:
+    """Tokens of a variant string ("t30,smoke" -> ["t30", "smoke"]), validated against `allowed`.
+
+    Raises:
+      ValueError: an unknown token (the message lists the valid ones), or two FLOPs targets.
+    """
+    tokens = [t.strip() for t in (variant or "").split(",") if t.strip()]
+    bad = [t for t in tokens if t not in allowed]
+    if bad:
+        raise ValueError(
+            f"unknown config variant(s) {bad}; valid: {list(allowed)}, combinable with commas, "
+            "e.g. FILE.py:t30,smoke"
+        )
+    if sum(t in TARGETS for t in tokens) > 1:
+        raise ValueError(
+            f"variant {variant!r} names two FLOPs targets; pick one of {list(TARGETS)}"
+        )
+    return tokens
+
+
+def target_of(tokens: list[str], default: str = "t50") -> float:
+    """The FLOPs-reduction target of the variant tokens (the `default` token when none is given)."""
+    return TARGETS[next((t for t in tokens if t in TARGETS), default)]
+
+
+def base(name: str, tokens: list[str]) -> ml_collections.ConfigDict:
+    """The locked default config with a workdir named after the config file and its variant."""
+    c = get_default_config()
+    c.lock()
+    c.workdir = "runs/" + "_".join([name, *tokens])
+    return c
+
+
+def cifar_budget(c: ml_collections.ConfigDict, *, epochs: int = 200) -> None:
+    """Full CIFAR budgets (not the CPU defaults).
+
+    Pretrain: SGD lr 0.1 (the standard He et al. 2016 recipe, not the reference's 0.01), momentum
+    0.9, weight decay 5e-4, cosine, batch 128, `epochs` epochs, crop + flip. Search: 100 PPO
+    iterations x 8 environments x 16 steps = 12,800 candidate evaluations, each on a 5,000-image
+    validation reward set after 4 x 128 images of BatchNorm recalibration; the top 3 in-band
+    candidates are fine-tuned. Fine-tune: `epochs` epochs, SGD lr 0.01 divided by 10 at 50/75/90%
+    of the steps, weight decay 4e-5 (the reference's), batch 128, masks held (exact zeros).
+    """
+    c.val_size = 5000
+    c.pretrain.epochs = epochs
+    c.pretrain.batch_size = 128
+    c.pretrain.lr = 0.1
+    c.pretrain.weight_decay = 5e-4
+    c.pretrain.schedule = "cosine"
+    c.search.reward_set_size = 5000
+    c.search.bn_recalib_batches = 4
+    c.search.bn_recalib_batch_size = 128
+    c.search.n_envs = 8
+    c.search.n_steps = 16
+    c.search.iterations = 100
+    c.search.top_k = 3
+    c.finetune.epochs = epochs
+    c.finetune.batch_size = 128
+    c.finetune.lr = 0.01
+    c.finetune.weight_decay = 4e-5
+    c.finetune.schedule = "multistep"
+
+
+def imagenet_budget(c: ml_collections.ConfigDict) -> None:
+    """ImageNet budgets: 90-epoch dense pretraining (skip it with ``--checkpoint WORKDIR`` of a
+    finished pretrain run), 40 PPO iterations x 8 x 16 = 5,120 candidate evaluations on a 10,000-
+    image validation reward set (carved from train; the ILSVRC validation set is the test split),
+    and a 30-epoch fine-tune of the single best in-band candidate (batch 256, lr 0.01, multistep).
+    """
+    c.dataset = "imagenet2012"
+    c.val_size = 10000
+    c.pretrain.epochs = 90
+    c.pretrain.batch_size = 256
+    c.pretrain.lr = 0.1
+    c.pretrain.weight_decay = 1e-4
+    c.pretrain.schedule = "cosine"
+    c.search.reward_set_size = 10000
+    c.search.bn_recalib_batches = 4
+    c.search.bn_recalib_batch_size = 128
+    c.search.n_envs = 8
+    c.search.n_steps = 16
+    c.search.iterations = 40
+    c.search.top_k = 1
+    c.finetune.epochs = 30
+    c.finetune.batch_size = 256
+    c.finetune.lr = 0.01
+    c.finetune.weight_decay = 4e-5
+    c.finetune.schedule = "multistep"
+
+
+def smoke(c: ml_collections.ConfigDict, model: str | None = None) -> None:
+    """Shrinks a config to a CPU check of every stage: the embedded digits data (real 8x8
+    handwritten digits, offline), 1 pretrain epoch, 2 search iterations x 4 environments x 4 steps
+    (32 candidates) on a 64-image reward set, a small GNN, 1 fine-tune epoch of the best candidate.
+    The band is widened to +-0.4: an untrained policy proposes reductions near 0.55 whatever the
+    target, and 32 candidates cannot learn to move them, so without it the t30 / t70 smoke runs
+    would keep no candidate. A smoke run checks the stages, not the search. `model` replaces the row's model when the
+    real one cannot run on CPU (ImageNet models: the family's tiny variant)."""
+    if model:
+        c.model = model
+    c.dataset = "digits"
+    c.data_dir = ""
+    c.num_classes = -1
+    c.val_size = -1
+    c.pretrain.checkpoint = ""
+    c.pretrain.epochs = 1
+    c.pretrain.batch_size = 64
+    c.pretrain.lr = 0.05
+    c.search.reward_set_size = 64
+    c.search.bn_recalib_batches = 1
+    c.search.bn_recalib_batch_size = 64
+    c.search.n_envs = 4
+    c.search.n_steps = 4
+    c.search.iterations = 2
+    c.search.max_episode_steps = 50
+    c.search.top_k = 1
+    c.search.band = 0.4
+    c.ppo.hidden = 16
+    c.ppo.gnn_layers = 1
+    c.ppo.heads = 2
+    c.finetune.epochs = 1
+    c.finetune.batch_size = 64
+    c.report.latency = False

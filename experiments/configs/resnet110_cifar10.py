@@ -1,0 +1,51 @@
+"""ResNet-110 on CIFAR-10: AutoSculpt (GNN + PPO over the reference's 6 filter patterns).
+
+Command (from the repository root):
+  python -m sculpt_jax run --config experiments/configs/resnet110_cifar10.py            # 50% FLOPs
+  python -m sculpt_jax run --config experiments/configs/resnet110_cifar10.py:t30        # 30% FLOPs
+  python -m sculpt_jax run --config experiments/configs/resnet110_cifar10.py:smoke      # CPU check
+  python -m sculpt_jax run --config experiments/configs/resnet110_cifar10.py:t70,smoke  # CPU, 70%
+  Data: a prepared tfds `cifar10`, or add `--data-dir DIR` (CIFAR python batches, an image-folder
+  tree or a .tar.gz of one).
+
+Variants (comma-separated): t30 | t50 (default) | t70 = target TRUE (exact) FLOPs reduction 0.3 /
+0.5 / 0.7, band +-0.05; smoke = the same model on the embedded 8x8 digits with tiny budgets.
+
+Budget (`_common.cifar_budget`): pretrain 200 epochs; search 12,800 candidate evaluations on a
+5,000-image validation reward set; fine-tune the top 3 in-band candidates 200 epochs each.
+
+Runtime: full run not yet measured on an accelerator. Smoke: measured 427 s end to end (seed 0,
+November 2026) on a shared 2-core CPU while other jobs ran (load average 7-9; an idle machine is
+faster).
+
+Expected numbers: not yet measured. What peers publish (CIFAR-10 top-1, for orientation, not
+reproduced here): GNN-RL (ICML 2022, also GNN + PPO) 94.31% for ResNet-110 at 50% FLOPs reduction;
+He et al. (2016) report 6.43% error (93.57%) for the best dense ResNet-110 run, 6.61 +- 0.16% over 5
+runs. The AutoSculpt paper's own numbers were withdrawn by its authors (arXiv, June 2025) and are
+not a target.
+
+Smoke note: ResNet-110 keeps its 110 layers on 8x8 digits; the compile of its search step takes
+longer than ResNet-20's.
+"""
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))  # configs are loaded by path: find _common
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+import _common  # noqa: E402
+
+VARIANTS = ("t30", "t50", "t70", "smoke")
+
+
+def get_config(variant=None):
+    tokens = _common.parse_variant(variant, VARIANTS)
+    c = _common.base("resnet110_cifar10", tokens)
+    c.model = "resnet110"
+    c.dataset = "cifar10"
+    _common.cifar_budget(c)
+    c.search.target_flops = _common.target_of(tokens)
+    if "smoke" in tokens:
+        _common.smoke(c)
+    return c
