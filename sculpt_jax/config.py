@@ -55,7 +55,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.search.bn_recalib_batches = 4  # adaptive-BN batches of training data per candidate (0: off)
     c.search.bn_recalib_batch_size = 128
     c.search.eval_mode = "auto"  # auto | map | vmap: how N candidates are evaluated per call
-    c.search.head = "per_group"  # paper | per_group | per_filter
+    c.search.head = "per_group"  # paper | per_group | per_filter (see experiments/RESULTS.md)
     c.search.level = "filter"  # filter | layer graph
     c.search.n_envs = 4
     c.search.n_steps = 8  # rollout length T per iteration

@@ -534,7 +534,7 @@ def measure_latency(s: Setup, variables, masks, ss: SearchSetup, compact_dir: st
     compact_lib.save_compact(compact_dir, compacted[1], compacted[2])
     rep = compact_lib.latency_report(s.model.apply, variables, ss.graph, masks, x,
                                      batches=batches, compacted=compacted)  # fmt: skip
-    out = {"latency_device": jax.devices()[0].device_kind,
+    out = {"latency_device_kind": jax.devices()[0].device_kind,
            "compact_params": int(compacted[2]["params"])}  # fmt: skip
     for b, r in rep["batches"].items():
         for kind in ("dense", "masked", "compact"):
