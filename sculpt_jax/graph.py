@@ -159,7 +159,8 @@ def default_valid(
 ) -> np.ndarray:
     """bool [n_layers, P]: `patterns.valid_patterns` of every layer for `library` (host-only).
 
-    For "reference6": all 6 ids on 3x3 convs, only 0 (remove) and 5 (keep) elsewhere.
+    For "reference6": all 6 ids on 3x3 convs, only 0 (remove) and 5 (keep) elsewhere. Layers whose
+    outputs are model outputs (the classifier head) may only keep: pruning them deletes classes.
     """
     lib = patterns.get_library(library)
     if lib.n_patterns != n_patterns:
@@ -167,7 +168,16 @@ def default_valid(
             f"library {library!r} has {lib.n_patterns} patterns but n_patterns={n_patterns}; "
             "pass a matching library or an explicit valid mask"
         )
-    return np.stack([patterns.valid_patterns(layer, lib) for layer in layer_graph.layers])
+    valid = np.stack([patterns.valid_patterns(layer, lib) for layer in layer_graph.layers])
+    for i in output_layers(layer_graph):
+        valid[i] = False
+        valid[i, lib.keep_id] = True
+    return valid
+
+
+def output_layers(layer_graph: LayerGraph) -> tuple[int, ...]:
+    """Indices of the layers that feed the model output directly (e.g. the classifier head)."""
+    return tuple(sorted({s.producer for s in layer_graph.output_sources if s.producer >= 0}))
 
 
 def _edge_kind(source, layer) -> int:
@@ -522,11 +532,15 @@ def make_observation(spec: GraphSpec, params: Any, pattern_ids: jax.Array) -> jr
             f"pattern_ids must have shape [n_nodes]={spec.n_nodes}, got {pattern_ids.shape}; "
             "build it with graph.initial_pattern_ids(spec)"
         )
-    action = jnp.asarray(spec.action_mask)
+    stats = weight_statistics(spec, params)
     dyn = jnp.zeros((spec.n_nodes, len(DYNAMIC_FEATURES)), jnp.float32)
-    dyn = dyn.at[jnp.asarray(spec.action_nodes)].set(weight_statistics(spec, params))
-    onehot = jax.nn.one_hot(pattern_ids, spec.n_patterns, dtype=jnp.float32)
-    onehot = onehot * action[:, None]
+    return _graphs_tuple(spec, pattern_ids, dyn.at[jnp.asarray(spec.action_nodes)].set(stats))
+
+
+def _graphs_tuple(spec: GraphSpec, pattern_ids: jax.Array, dyn: jax.Array) -> jraph.GraphsTuple:
+    """The padded GraphsTuple from per-node dynamic features [N, D] and current pattern ids [N]."""
+    action = jnp.asarray(spec.action_mask)
+    onehot = jax.nn.one_hot(pattern_ids, spec.n_patterns, dtype=jnp.float32) * action[:, None]
     feat = jnp.concatenate([jnp.asarray(spec.static_feat), dyn, onehot], axis=1)
     return jraph.GraphsTuple(
         nodes={"feat": feat},
@@ -542,19 +556,8 @@ def make_observation(spec: GraphSpec, params: Any, pattern_ids: jax.Array) -> jr
 def example_observation(spec: GraphSpec) -> jraph.GraphsTuple:
     """A shape-correct observation without model params (dynamic features zero), for `init`."""
     pattern_ids = jnp.asarray(initial_pattern_ids(spec))
-    action = jnp.asarray(spec.action_mask)
-    onehot = jax.nn.one_hot(pattern_ids, spec.n_patterns, dtype=jnp.float32) * action[:, None]
     dyn = jnp.zeros((spec.n_nodes, len(DYNAMIC_FEATURES)), jnp.float32)
-    feat = jnp.concatenate([jnp.asarray(spec.static_feat), dyn, onehot], axis=1)
-    return jraph.GraphsTuple(
-        nodes={"feat": feat},
-        edges={"type": edge_types(spec, pattern_ids)},
-        senders=jnp.asarray(spec.senders),
-        receivers=jnp.asarray(spec.receivers),
-        n_node=jnp.asarray([spec.n_real_nodes, spec.n_nodes - spec.n_real_nodes], jnp.int32),
-        n_edge=jnp.asarray([spec.n_real_edges, spec.n_edges - spec.n_real_edges], jnp.int32),
-        globals=None,
-    )
+    return _graphs_tuple(spec, pattern_ids, dyn)
 
 
 def zero_out_padding(graph: jraph.GraphsTuple) -> jraph.GraphsTuple:

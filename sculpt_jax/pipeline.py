@@ -260,7 +260,7 @@ def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
     lib = pat.get_library(sc.library)
     x = jnp.zeros((1, *s.input_shape), jnp.uint8)
     lg = trace_lib.trace_model(s.apply_fn, variables, x)
-    valid = np.stack([pat.valid_patterns(layer, lib) for layer in lg.layers])
+    valid = graph_lib.default_valid(lg, lib.n_patterns, lib)  # the classifier head keeps all
     if not valid[:, [i for i in range(lib.n_patterns) if i != lib.keep_id]].any():
         raise ValueError(f"model {cfg.model!r} has nothing the {lib.name!r} library can prune")
     spec = graph_lib.build_graph_spec(lg, n_patterns=lib.n_patterns, valid=valid, level=sc.level)
@@ -361,9 +361,10 @@ def prune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=Non
         "candidates": records,
     }
     ckpt.save_json(os.path.join(wd, "best.json"), summary)
-    ckpt.save_pytree(os.path.join(wd, "best_pattern_ids"),
-                     {f"cand{i}": np.asarray(c["pattern_ids"]) for i, c in enumerate(result.best)}
-                     or {"none": np.zeros((0,), np.int32)})  # fmt: skip
+    if result.best:
+        ckpt.save_pytree(os.path.join(wd, "best_pattern_ids"),
+                         {f"cand{i}": np.asarray(c["pattern_ids"])
+                          for i, c in enumerate(result.best)})  # fmt: skip
     if not result.best:
         log.warning("no in-band candidate found: raise search.iterations or widen search.band")
     return {"summary": summary, "best": result.best, "search_setup": ss, "history": result.history}

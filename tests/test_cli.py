@@ -77,6 +77,8 @@ def test_main_job_smoke_end_to_end(tmp_path, capsys):
     for b in ("b1", "b256"):  # latency of dense, masked and compacted models was measured
         assert all(row[f"latency_ms_{k}_{b}"] > 0 for k in ("dense", "masked", "compact"))
     assert os.path.exists(os.path.join(wd, "export", "compact", "compact.json"))
+    ids = json.load(open(os.path.join(wd, "export", "pattern_ids.json")))
+    assert set(ids["head"]) == {5}, "the classifier head must never be pruned (it deletes classes)"
 
     # The export loads back without the search and evaluates to the same accuracy, pruned = 0.
     from sculpt_jax import config as config_lib

@@ -163,10 +163,12 @@ def test_filter_level_counts_by_hand(spec):
 
 
 def test_valid_mask_reference6(spec):
-    # 3x3 convs: all 6 ids; the dense head: only remove (0) and keep (5); others all False.
+    # 3x3 convs: all 6 ids; the dense head feeds the model output, so it may only keep (5):
+    # removing a head filter would delete a class. Others all False.
     assert spec.valid[spec.layer_nodes[0]].all()
+    assert G.output_layers(spec.layer_graph) == (2,)
     head = spec.valid[spec.layer_nodes[2]]
-    np.testing.assert_array_equal(head, [[True, False, False, False, False, True]] * 2)
+    np.testing.assert_array_equal(head, [[False, False, False, False, False, True]] * 2)
     assert not spec.valid[~spec.action_mask].any()
 
 
