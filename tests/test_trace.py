@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import time
 
 import flax.linen as nn
 import jax
@@ -507,13 +506,33 @@ def test_flops_match_xla_cost_analysis(name):
     assert abs(g.dense_flops / xla - 1) < 0.02, (g.dense_flops, xla)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "vit_b16"])
-def test_tracing_time_large_models(name):
+def test_large_model_structure(name):
+    """ResNet-50: 53 convs + 1 dense, each stage's projection shortcut coupled with its blocks'
+    conv3; ViT-B/16: patch conv, q/k/v/out and MLP denses of 12 blocks, the residual stream
+    (patch embedding, every attn/out and mlp_fc2) one coupled group. Timing: benchmarks/trace_graph.py."""
     model, variables, x = _zoo(name)
-    t0 = time.process_time()  # CPU time of this process: robust to other jobs on the machine
     g = trace_model(model.apply, variables, x)
-    seconds = time.process_time() - t0
-    print(f"trace {name}: {seconds:.2f} s, {g.n_layers} layers")
-    assert seconds < 10.0
+    kinds = [layer.kind for layer in g.layers]
+    big = [grp for grp in g.coupled_groups if len(grp) > 1]
+    names = lambda grp: {g.layers[i].name for i in grp}  # noqa: E731
+    if name == "resnet50":
+        assert kinds.count("conv") == 53 and kinds.count("dense") == 1
+        assert [len(grp) for grp in big] == [4, 5, 7, 4]  # 1 shortcut + 3/4/6/3 blocks' conv3
+        for s, grp in enumerate(big, start=1):
+            assert f"stage{s}_block0/shortcut_conv" in names(grp)
+            assert all(n.endswith(("conv3", "shortcut_conv")) for n in names(grp))
+    else:
+        assert kinds.count("conv") == 1 and kinds.count("dense") == 73
+        assert [len(grp) for grp in big] == [25]
+        assert names(big[0]) == {"patch_embed"} | {
+            f"block{b}/{n}" for b in range(12) for n in ("attn/out", "mlp_fc2")
+        }
+        q, out = g.layers[1], g.layers[4]
+        assert (q.name, q.kernel_in_axes, q.kernel_out_axes) == ("block0/attn/query", (0,), (1, 2))
+        assert (out.name, out.kernel_in_axes, out.kernel_out_axes) == (
+            "block0/attn/out",
+            (0, 1),
+            (2,),
+        )
     assert g.n_layers == {"resnet50": 54, "vit_b16": 74}[name]
