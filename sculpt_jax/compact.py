@@ -936,7 +936,6 @@ def save_compact(path: str | os.PathLike, compact_variables: dict, info: dict) -
     original leaf shapes/dtypes and the param counts; no masks are needed to load it.
     """
     path = os.path.abspath(os.fspath(path))
-    os.makedirs(path, exist_ok=True)
     tree = {k.replace(".", "_"): np.asarray(v) for k, v in compact_variables.items()}
     checkpoint.save_pytree(os.path.join(path, "variables"), tree)
     meta = {k: v for k, v in info.items()}
