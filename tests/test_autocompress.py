@@ -207,7 +207,7 @@ def test_progressive_targets_compound():
     s, rounds = 0.6, 3
     p = ac.per_round_target(s, rounds)
     assert p == pytest.approx(1 - 0.4 ** (1 / 3))
-    assert 1 - (1 - p) ** rounds == pytest.approx(s)
+    assert (1 - p) ** rounds == pytest.approx(1 - s)
     ts = ac.round_targets(s, rounds)
     assert ts[-1] == pytest.approx(s) and ts[0] == pytest.approx(p)
     for a, b in zip(ts, ts[1:], strict=False):  # each round removes p of what is left
@@ -246,7 +246,7 @@ def test_pattern_scheme_matches_rate_and_bad_inputs_are_rejected(tiny_setup):
         canon = np.asarray(pat.kernel_to_canonical(get_at(m, layer.kernel_path[1:]), layer))
         # per filter one reference6 pattern (broadcast over inputs); mean pruned fraction 1/2
         assert np.all(canon == canon[:, :1, :])
-        assert 1 - canon.mean() == pytest.approx(0.5, abs=1 / layer.out_features)
+        assert canon.mean() == pytest.approx(0.5, abs=1 / layer.out_features)  # half pruned
     with pytest.raises(ValueError, match="unknown pruning scheme"):
         admm.scheme_masks(g, t["variables"], np.zeros(6), "channels")
     with pytest.raises(ValueError, match="target must be in"):
