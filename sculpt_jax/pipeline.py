@@ -111,9 +111,8 @@ def setup(cfg) -> Setup:
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-                        if not hasattr(x, "dtype") else jax.ShapeDtypeStruct(x.shape, x.dtype),
-                        tree)  # fmt: skip
+    """Shapes and dtypes of an array pytree (a restore target)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _run_fingerprint(cfg) -> dict:
