@@ -6,11 +6,20 @@ reduction (`flops.count_exact`) is about --target; then times the jitted forward
 masked (same shapes, zeros) and compacted models at each batch size, and reports the share of the
 FLOPs reduction realised as speedup: (1 - t_compact / t_dense) / (1 - flops_masked / flops_dense).
 
-A second part times kernel cropping on one conv (32x32x16 -> 16, batch 256): full 3x3 vs a 3x2
+With several ``--align`` values, each compacted model stores its conv/dense output filters in
+multiples of that value (`compact(..., align=N)`, exact-zero filters materialised; 1 = none) and
+all of them are timed round-robin with the dense and masked models.
+
+A width table times one 3x3 conv (batch 256) at the widths pruning produces: microseconds per image
+for 16 -> 16 ... 16 -> 8 channels at 32x32 and 64 -> 64 ... 64 -> 32 at 8x8. On a SIMD CPU a
+channel count below the vector width (16 float32 lanes with AVX-512) costs about as much as a full
+vector, so thin layers shrink in FLOPs but not in time.
+
+A third part times kernel cropping on one conv (32x32x16 -> 16, batch 256): full 3x3 vs a 3x2
 crop (every filter on pattern 3 = 011/011/011), and a layer with half its filters on pattern 3
 split into two convs (3x2 + 3x3, concatenated) vs the one 3x3 conv that `compact` keeps.
 
-    python benchmarks/latency.py [--models resnet56 mobilenet_v2] [--batches 1 256]
+    python benchmarks/latency.py [--models resnet56 mobilenet_v2] [--batches 1 256] [--align 1 16]
 """
 
 from __future__ import annotations
@@ -61,7 +70,7 @@ def bisect_rate(graph, variables, target, iters=12):
     return best
 
 
-def bench_model(name, batches, target, repeats):
+def bench_model(name, batches, target, repeats, aligns=(1,)):
     import jax
 
     from sculpt_jax import compact, trace
@@ -73,27 +82,68 @@ def bench_model(name, batches, target, repeats):
     x1 = jax.numpy.zeros((1, *spec.input_shape), jax.numpy.float32)
     graph = trace.trace_model(model.apply, v, x1)
     rate, masks, red = bisect_rate(graph, v, target)
-    t = time.perf_counter()
-    comp = compact.compact(model.apply, v, graph, masks, x1)
-    t_compact = time.perf_counter() - t
-    rep = compact.latency_report(model.apply, v, graph, masks, x1, batches=tuple(batches),
-                                 repeats=repeats, compacted=comp)  # fmt: skip
-    info = comp[2]
+    from sculpt_jax import masking
+
+    comps = {}
+    for a in aligns:
+        t = time.perf_counter()
+        comps[a] = compact.compact(model.apply, v, graph, masks, x1, align=a)
+        t_compact = time.perf_counter() - t
+    info = comps[aligns[0]][2]
+    ratio = info["masked_flops"] / info["dense_flops"]
     print(f"\n## {name}: uniform filter-removal rate {rate:.3f}, true FLOPs reduction {red:.3f} "
-          f"(FLOPs ratio {rep['flops']['ratio']:.3f}), params dense {info['dense_params']} "
-          f"masked {info['masked_params']} compact {info['params']} "
-          f"(compaction {t_compact:.1f} s)")  # fmt: skip
-    print(
-        "batch   dense ms   masked ms   compact ms   speedup(compact)   share of FLOPs cut realised"
-    )
-    for b, r in rep["batches"].items():
-        share = (1 - r["compact"]["median_ms"] / r["dense"]["median_ms"]) / (
-            1 - rep["flops"]["ratio"]
+          f"(FLOPs ratio {ratio:.3f}), params dense {info['dense_params']} "
+          f"masked {info['masked_params']} compact {info['params']} (compaction {t_compact:.1f} s)"
+          "; stored params by align: "
+          + ", ".join(f"{a}: {c[2]['stored_params']}" for a, c in comps.items()))  # fmt: skip
+    print("timed round-robin; median ms (min ms in brackets); share = (1 - t_compact / t_dense) / "
+          "(1 - FLOPs ratio), the goal is >= 0.8 at the throughput batch")
+    cols = ["dense", "masked"] + [f"compact_a{a}" for a in aligns]
+    print("batch " + " ".join(f"{c:>20s}" for c in cols) + "   speedup / share by align")
+    dense_apply = lambda v_, x_: model.apply(v_, x_, train=False)  # noqa: E731
+    named = {"dense": (dense_apply, v), "masked": (dense_apply, masking.apply_masks(v, masks))}
+    named.update({f"compact_a{a}": (c[0], c[1]) for a, c in comps.items()})
+    rep = {"flops_ratio": ratio, "rate": rate, "params": {k: info[k] for k in (
+        "dense_params", "masked_params", "params")}, "stored_params": {
+        str(a): c[2]["stored_params"] for a, c in comps.items()}, "batches": {}}  # fmt: skip
+    for b in batches:
+        x = jax.random.normal(jax.random.key(b), (b, *spec.input_shape), jax.numpy.float32)
+        n = repeats if b <= 8 else max(5, repeats // 2)
+        r = compact.measure_latencies(named, x, repeats=n)
+        d = r["dense"]["median_ms"]
+        tail = "  ".join(
+            f"a{a}: {d / r[f'compact_a{a}']['median_ms']:.2f}x / "
+            f"{(1 - r[f'compact_a{a}']['median_ms'] / d) / (1 - ratio):.2f}" for a in aligns
         )
-        print(f"{int(b):5d} {r['dense']['median_ms']:10.2f} {r['masked']['median_ms']:11.2f} "
-              f"{r['compact']['median_ms']:12.2f} {r['speedup_compact']:18.2f} {share:29.2f}")  # fmt: skip
-    rep["rate"] = rate
+        print(f"{b:5d} " + " ".join(f"{r[c]['median_ms']:9.2f} ({r[c]['min_ms']:8.2f})"
+                                     for c in cols) + "   " + tail)  # fmt: skip
+        rep["batches"][str(b)] = r
     return rep
+
+
+def bench_widths(repeats):
+    import jax
+    import jax.numpy as jnp
+
+    from sculpt_jax.compact import measure_latencies
+
+    dn = ("NHWC", "HWIO", "NHWC")
+    b = 256
+    out = {}
+    print(f"\n## one 3x3 conv at pruned widths, batch {b}: microseconds per image (median)")
+    for hw, c in ((32, 16), (8, 64)):
+        row = []
+        for cout in (c, c * 3 // 4, c * 5 // 8, c // 2):
+            for cin in (c, cout):
+                x = jnp.ones((b, hw, hw, cin), jnp.float32)
+                w = jnp.ones((3, 3, cin, cout), jnp.float32)
+                r = measure_latencies({"conv": (lambda w_, x_: jax.lax.conv_general_dilated(
+                    x_, w_, (1, 1), "SAME", dimension_numbers=dn), w)}, x, repeats=repeats)
+                us = r["conv"]["median_ms"] * 1e3 / b
+                out[f"{hw}x{hw} {cin}->{cout}"] = us
+                row.append(f"{cin}->{cout}: {us:.0f}")
+        print(f"{hw}x{hw}: " + "  ".join(row))
+    return out
 
 
 def bench_cropping(batch, repeats):
@@ -135,12 +185,15 @@ def main(argv=None) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 256])
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--align", nargs="+", type=int, default=[1, 16],
+                   help="compact(align=N) variants to time (1 = no padding)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
     header("latency: dense vs masked vs compacted")
     out = {}
     for name in args.models:
-        out[name] = bench_model(name, args.batches, args.target, args.repeats)
+        out[name] = bench_model(name, args.batches, args.target, args.repeats, args.align)
+    out["widths"] = bench_widths(max(5, args.repeats // 2))
     out["cropping"] = bench_cropping(max(args.batches), max(3, args.repeats // 4))
     if args.json:
         with open(args.json, "w") as f:

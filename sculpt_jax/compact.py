@@ -39,9 +39,10 @@ anyway (a depthwise filter on a dead channel). Without removed filters both are 
 equals ``masked_params``. ``stored_params`` counts every stored compact entry (kernels include the
 zeros of patterns that could not be cropped; BN statistics are folded in).
 
-Host-only: `compact`, `save_compact`, `load_compact`, `measure_latency`, `latency_report`. The
-returned ``compact_apply_fn`` is jittable. Sections: AutoSculpt (arXiv 2412.18091) Sec. 4
-(acceleration of pattern-pruned models by compaction); latency measurement is ours.
+Host-only: `compact`, `save_compact`, `load_compact`, `measure_latency`, `measure_latencies`,
+`latency_report`. The returned ``compact_apply_fn`` is jittable. Sections: AutoSculpt (arXiv
+2412.18091) Sec. 4 (acceleration of pattern-pruned models by compaction); latency measurement and
+`align` are ours.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ __all__ = [
     "compact",
     "latency_report",
     "load_compact",
+    "measure_latencies",
     "measure_latency",
     "save_compact",
 ]
@@ -188,6 +190,20 @@ def _expand(a: _A, axis: int, target: np.ndarray):
     return jnp.where(jnp.asarray(present.reshape(shape)), g, fill)
 
 
+def _aligned(out: np.ndarray, width: int, live: np.ndarray, align: int) -> np.ndarray:
+    """`out` (sorted kept filters of a layer of `width`) grown to a multiple of `align` (capped at
+    `width`) with filters that are not live, lowest index first. The added filters read zero kernel
+    entries, so they compute their true value (0 before any bias); materialising a channel is
+    always exact, it only costs FLOPs. Thin layers run faster at aligned widths on some backends
+    (`benchmarks/latency.py --align`)."""
+    n = min(-(-len(out) // align) * align, width) if align > 1 else len(out)
+    if n <= len(out):
+        return out
+    extra = np.nonzero(~np.isin(np.arange(width), out))[0]
+    extra = np.concatenate([extra[~live[extra]], extra[live[extra]]])[: n - len(out)]
+    return np.sort(np.concatenate([out, extra]))
+
+
 def _full(a: _A):
     if a.rep is None:
         return a.val
@@ -232,7 +248,8 @@ def _shape_with(shape, axis, n):
 
 class _Interp:
     def __init__(self, *, record: bool, plan: dict, cvars: dict, layers_by_kernel=None,
-                 filter_alive=None, kernel_masks=None, crop: bool = True):  # fmt: skip
+                 filter_alive=None, kernel_masks=None, crop: bool = True,
+                 align: int = 1):  # fmt: skip
         self.record = record
         self.plan = plan
         self.cvars = cvars
@@ -240,7 +257,9 @@ class _Interp:
         self.filter_alive = filter_alive
         self.kernel_masks = kernel_masks or {}
         self.crop = crop
-        self.eid = 0
+        self.align = int(align)
+        self.eid = 0  # equations on activations: keys of the plan and of compact_variables
+        self.pid = 0  # parameter-only equations: keys of `pvals` (see `_param_pass`)
         self.layer_info: dict[int, dict] = {}
         self.pvals: dict = {}
 
@@ -273,25 +292,30 @@ class _Interp:
         return self.run(closed, [], args)
 
     def eqn(self, eqn, ins):
+        # Equations on activations and parameter-only ones are numbered apart: the jaxpr at
+        # another batch size may add or drop parameter-only equations (a [1, 1, D] class token
+        # is broadcast to [B, 1, D] only when B > 1), never equations on activations.
         name = eqn.primitive.name
-        eid = str(self.eid)
-        self.eid += 1
         if name in _CALLS and _CALLS[name] in eqn.params:
             sub = eqn.params[_CALLS[name]]
             n = len(sub.jaxpr.invars if hasattr(sub, "jaxpr") else sub.invars)
             return self.run_closed(sub, ins[len(ins) - n :] if n < len(ins) else ins)
         if not any(isinstance(x, _A) for x in ins):
+            pid = self.pid
+            self.pid += 1
             if not self.record:
                 if all(x.val is not None for x in ins):  # constants only (replay literals)
                     outs = eqn.primitive.bind(*[x.val for x in ins], **eqn.params)
                     outs = outs if eqn.primitive.multiple_results else [outs]
                     return [_P(o) for o in outs]
                 return [_P(None) for _ in eqn.outvars]
-            outs = [self.pvals[f"{eid}:{k}"] for k in range(len(eqn.outvars))]
+            outs = [self.pvals[f"{pid}:{k}"] for k in range(len(eqn.outvars))]
             path = ins[0].path if (
                 len(ins) == 1 and name in ("convert_element_type", "copy", "copy_p")
             ) else None  # fmt: skip
             return [_P(np.asarray(o), path) for o in outs]
+        eid = str(self.eid)
+        self.eid += 1
         if self.record:
             d = self.decide(eqn, ins, eid)
             self.plan[eid] = d
@@ -518,10 +542,14 @@ class _Interp:
         if len(out) == 0:
             out = np.asarray([0])
             s = out if g > 1 else s
+        kept = out
+        if g == 1:
+            out = _aligned(out, fcount, live, self.align)
         kc = np.take(k, out, axis=ro)
         mc = np.take(kmask, out, axis=ro)
         if g == 1:
             kc, mc = np.take(kc, s, axis=ri), np.take(mc, s, axis=ri)
+        mc_kept = np.take(mc, np.searchsorted(out, kept), axis=ro)  # counted: the kept filters
         new_g = len(out) if (g > 1 and k.shape[ri] == 1 and g == width == fcount) else g
         padding = [list(x) for x in p["padding"]] if not isinstance(p["padding"], str) else None
         crop = []
@@ -541,7 +569,7 @@ class _Interp:
                     padding[si] = [padding[si][0] - lo_cut, padding[si][1] - hi_cut]
                     crop.append((si, lo_cut, hi_cut))
         self.cvars[f"{eid}.1"] = kc
-        self._layer_record(layer, width, s, out, live, alive, kmask, mc, kc, crop)
+        self._layer_record(layer, width, s, kept, live, alive, kmask, mc_kept, kc, crop)
         dtype = np.dtype(eqn.outvars[0].aval.dtype)
         rep = _Rep(of, np.asarray(out, np.int64), fcount, np.zeros(fcount, dtype))
         return {"kind": "conv", "in_axis": lf, "in_idx": np.asarray(s).tolist(),
@@ -579,6 +607,9 @@ class _Interp:
             out = np.nonzero(live)[0]
             if len(out) == 0:
                 out = np.asarray([0])
+            kept = out
+            out = _aligned(out, k.shape[ko], live, self.align)
+            mm_kept = np.take(mm, kept, axis=ko)
             kk, mm = np.take(kk, out, axis=ko), np.take(mm, out, axis=ko)
             a_nd = len(eqn.invars[1 - kpos].aval.shape)
             if kpos == 1:
@@ -590,11 +621,12 @@ class _Interp:
                        np.zeros(layer.out_features, dtype)).to_json()  # fmt: skip
         else:
             live = np.ones(layer.out_features, bool)
-            out = np.arange(layer.out_features)
+            out = kept = np.arange(layer.out_features)
+            mm_kept = mm
             rep = None
         self.cvars[f"{eid}.{kpos}"] = kk
         s = need if need is not None else np.arange(layer.in_features)
-        self._layer_record(layer, layer.in_features, s, out, live, alive, kmask, mm, kk, [])
+        self._layer_record(layer, layer.in_features, s, kept, live, alive, kmask, mm_kept, kk, [])
         return {"kind": "dot", "kpos": kpos, "in_axis": af,
                 "in_idx": None if need is None else np.asarray(need).tolist(),
                 "out": [rep]}  # fmt: skip
@@ -723,7 +755,8 @@ def _np_elementwise(eqn, vecs: list) -> np.ndarray:
 
 
 def _param_pass(closed, leaves):
-    """Values of every parameter-only equation output, keyed "<eqn id>:<k>" (jit this)."""
+    """Values of every parameter-only equation output, keyed "<pid>:<k>" where pid numbers the
+    parameter-only equations in order as `_Interp.eqn` does (jit this)."""
     counter = [0]
     res: dict = {}
 
@@ -739,8 +772,6 @@ def _param_pass(closed, leaves):
             env[v] = val
         for eqn in jaxpr.eqns:
             ins = [read(v) for v in eqn.invars]
-            eid = counter[0]
-            counter[0] += 1
             name = eqn.primitive.name
             if name in _CALLS and _CALLS[name] in eqn.params:
                 sub = eqn.params[_CALLS[name]]
@@ -753,10 +784,12 @@ def _param_pass(closed, leaves):
             elif any(x is None for x in ins):
                 outs = [None] * len(eqn.outvars)
             else:
+                pid = counter[0]
+                counter[0] += 1
                 outs = eqn.primitive.bind(*ins, **eqn.params)
                 outs = outs if eqn.primitive.multiple_results else [outs]
                 for k, o in enumerate(outs):
-                    res[f"{eid}:{k}"] = o
+                    res[f"{pid}:{k}"] = o
             for v, val in zip(eqn.outvars, outs, strict=True):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = val
@@ -809,6 +842,7 @@ def compact(
     sample_input: Any,
     *,
     crop: bool = True,
+    align: int = 1,
 ) -> tuple[Callable, dict[str, np.ndarray], dict]:
     """Builds the physically smaller model equal to the masked one (host-only; see module doc).
 
@@ -819,6 +853,11 @@ def compact(
       masks: mask pytree mirroring ``variables["params"]`` (float 0/1), or None (dense).
       sample_input: an array ``[B, ...]`` (values unused; shape/dtype define the trace).
       crop: crop kernel rows/columns zero in every kept filter (3x3 -> 3x2 etc.).
+      align: store the output filters of every conv (feature_group_count 1) and dense layer in a
+        multiple of `align` (capped at the full width), materialising exact-zero filters to get
+        there: thin, odd widths run slower than aligned ones on some backends (measure with
+        ``benchmarks/latency.py --align``). 1 = no padding. Counted params are unchanged;
+        ``stored_params`` grows.
     Returns:
       (compact_apply_fn, compact_variables, info): ``compact_apply_fn(compact_variables, x)`` is
       jitted and equals ``apply_fn(apply_masks(variables, masks), x, train=False)`` for any batch
@@ -831,6 +870,8 @@ def compact(
             "sample_input must be an array [B, ...], e.g. jnp.zeros((1, 32, 32, 3)); got "
             f"{type(sample_input).__name__}."
         )
+    if not isinstance(align, int) or align < 1:
+        raise CompactError(f"align must be an int >= 1 (1 = no padding), got {align!r}.")
     if masks is None:
         masks = masking.ones_masks(variables)
     masked_vars = masking.apply_masks(variables, masks)
@@ -847,30 +888,43 @@ def compact(
         if m is not None:
             kernel_masks[layer.kernel_path] = np.asarray(m) != 0
     by_kernel = {layer.kernel_path: layer.index for layer in graph.layers}
-    interp = _Interp(record=True, plan={}, cvars={}, layers_by_kernel=by_kernel,
-                     filter_alive=filter_alive, kernel_masks=kernel_masks, crop=crop)  # fmt: skip
-    interp.layers_by_kernel_layer = graph.layers
     xs = jax.ShapeDtypeStruct(tuple(sample_input.shape), sample_input.dtype)
     closed = _jaxpr_for(apply_fn, treedef, abstract, xs)
     pvals = jax.jit(lambda lv: _param_pass(closed, lv))(leaves)
-    interp.pvals = {k: np.asarray(v) for k, v in pvals.items()}
+    pvals = {k: np.asarray(v) for k, v in pvals.items()}
     args = [_P(v, p) for v, p in zip(leaves, paths, strict=True)]
 
-    def record(x):
-        outs = interp.run_closed(closed, args + [_A(x, None)])
-        return [_full(o) for o in outs if isinstance(o, _A)]
+    def record(align_):
+        interp_ = _Interp(record=True, plan={}, cvars={}, layers_by_kernel=by_kernel,
+                          filter_alive=filter_alive, kernel_masks=kernel_masks, crop=crop,
+                          align=align_)  # fmt: skip
+        interp_.layers_by_kernel_layer = graph.layers
+        interp_.pvals = pvals
 
-    jax.eval_shape(record, xs)
-    outs = None
+        def run(x):
+            outs = interp_.run_closed(closed, args + [_A(x, None)])
+            return [_full(o) for o in outs if isinstance(o, _A)]
+
+        jax.eval_shape(run, xs)
+        return interp_
+
+    interp = record(align)
+    # Counts describe the pruned model, not its storage: with align > 1 they come from the
+    # unpadded plan (a padded channel is materialised, so its consumers would count reads of it).
+    counted = interp if align == 1 else record(1)
     out_shape = jax.eval_shape(
         lambda v, x: apply_fn(v, x, train=False), masked_vars, xs
     )  # fmt: skip
     out_treedef = jax.tree.structure(out_shape)
-    del outs
     plan = interp.plan
     cvars = interp.cvars
     fn = _make_compact_fn(apply_fn, treedef, abstract, plan, out_treedef)
-    info = _info(graph, masks, interp.layer_info, cvars, leaves, kernel_masks, filter_alive)
+    info = _info(graph, masks, counted.layer_info, counted.cvars, leaves, kernel_masks,
+                 filter_alive)  # fmt: skip
+    info["stored_params"] = int(sum(np.size(v) for v in cvars.values()))
+    info["align"] = align
+    for d in info["layers"]:  # kernel_after: the pruned kernel; kernel_stored: with padding
+        d["kernel_stored"] = interp.layer_info.get(d["index"], d)["kernel_after"]
     info["plan"] = plan
     info["leaf_shapes"] = [[list(a.shape), str(a.dtype)] for a in abstract]
     info["leaf_paths"] = [list(p) for p in paths]
@@ -1012,9 +1066,35 @@ def measure_latency(
         t = time.perf_counter()
         jax.block_until_ready(f(variables, x))
         ts.append((time.perf_counter() - t) * 1e3)
+    return _stats(ts)
+
+
+def _stats(ts: list[float]) -> dict[str, float]:
     q = np.percentile(ts, [10, 90])
     return {"median_ms": float(statistics.median(ts)), "p10": float(q[0]), "p90": float(q[1]),
-            "repeats": repeats}  # fmt: skip
+            "min_ms": float(min(ts)), "repeats": len(ts)}  # fmt: skip
+
+
+def measure_latencies(
+    named: dict[str, tuple[Callable, Any]], x: Any, *, repeats: int = 50, warmup: int = 3
+) -> dict[str, dict[str, float]]:
+    """`measure_latency` of several ``name: (apply_fn, variables)`` on the same `x`, timed
+    round-robin (one run of each per round) so that a slow drift of the machine (other jobs,
+    clock changes) affects all of them alike; host-only."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}; pass repeats=50 or so.")
+    x = jnp.asarray(x)
+    runs = {k: (jax.jit(f), jax.tree.map(jnp.asarray, v)) for k, (f, v) in named.items()}
+    for f, v in runs.values():
+        for _ in range(warmup + 1):
+            jax.block_until_ready(f(v, x))
+    ts: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, (f, v) in runs.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f(v, x))
+            ts[k].append((time.perf_counter() - t) * 1e3)
+    return {k: _stats(t) for k, t in ts.items()}
 
 
 def latency_report(
@@ -1052,9 +1132,9 @@ def latency_report(
     for b in batches:
         x = jax.random.normal(jax.random.key(b), (b, *shape), jnp.float32)
         n = repeats if b <= 8 else max(3, repeats // 4)
-        d = measure_latency(dense_apply, variables, x, repeats=n, warmup=warmup)
-        m = measure_latency(dense_apply, masked_vars, x, repeats=n, warmup=warmup)
-        c = measure_latency(fn, cv, x, repeats=n, warmup=warmup)
+        r = measure_latencies({"dense": (dense_apply, variables), "masked": (dense_apply,
+                               masked_vars), "compact": (fn, cv)}, x, repeats=n, warmup=warmup)
+        d, m, c = r["dense"], r["masked"], r["compact"]
         out["batches"][str(b)] = {
             "dense": d, "masked": m, "compact": c,
             "speedup_compact": d["median_ms"] / c["median_ms"],

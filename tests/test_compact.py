@@ -182,3 +182,56 @@ def test_measure_latency_fields():
     r = C.measure_latency(lambda v, x: fwd(v, x), v, x, repeats=3, warmup=1)
     assert set(r) >= {"median_ms", "p10", "p90"}
     assert 0 < r["p10"] <= r["median_ms"] <= r["p90"]
+
+
+@pytest.mark.parametrize("name", ["resnet8_tiny", "vit_tiny"])
+def test_compacted_at_batch_one_runs_at_other_batches(name):
+    # At batch 1 the jaxpr has no broadcast of ViT's [1, 1, D] class token; at batch > 1 it has:
+    # parameter-only equations must not shift the plan's equation numbering.
+    model, v, x, graph, fwd = setup(name)
+    masks = structured_masks(graph, v)
+    fn, cv, _ = C.compact(model.apply, v, graph, masks, x[:1])
+    for b in (1, 3):
+        xs = jax.random.normal(jax.random.key(b), (b, *x.shape[1:]))
+        ref = fwd(masking.apply_masks(v, masks), xs)
+        np.testing.assert_allclose(np.asarray(fn(cv, xs)), np.asarray(ref), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenet_v2_tiny", "vit_tiny"])
+def test_align_pads_storage_not_outputs_or_counts(name):
+    model, v, x, graph, fwd = setup(name)
+    masks = structured_masks(graph, v)
+    _, cv1, info1 = C.compact(model.apply, v, graph, masks, x)
+    fn, cv, info = C.compact(model.apply, v, graph, masks, x, align=8)
+    ref = fwd(masking.apply_masks(v, masks), x)
+    np.testing.assert_allclose(np.asarray(fn(cv, x)), np.asarray(ref), atol=1e-4, rtol=0)
+    for k in ("params", "dropped_kernel_entries", "dropped_affine_entries", "masked_params"):
+        assert info[k] == info1[k], k
+    assert info["stored_params"] > info1["stored_params"] == sum(np.size(a) for a in cv1.values())
+    grew = 0
+    for d in info["layers"]:
+        assert all(s >= k for s, k in zip(d["kernel_stored"], d["kernel_after"], strict=True)), d
+        grew += d["kernel_stored"] != d["kernel_after"]
+        if len(d["kernel_after"]) == 4 and d["kernel_after"][2] > 1:  # conv HWIO, not depthwise
+            n = d["kernel_stored"][3]
+            assert n % 8 == 0 or n == d["out_before"], d
+    assert grew, "no layer was padded"
+
+
+def test_align_rejects_bad_values():
+    model, v, x, graph, _ = setup("resnet8_tiny")
+    with pytest.raises(C.CompactError, match="align must be an int >= 1"):
+        C.compact(model.apply, v, graph, None, x, align=0)
+
+
+def test_apply_fn_closing_over_constants():
+    # The pipeline's uint8 -> normalise -> model wrapper: its mean/std constants are broadcast to
+    # the batch only when it is > 1 (this used to fail with a KeyError at another batch size).
+    from sculpt_jax.pipeline import make_apply_fn
+
+    model, v, x, graph, _ = setup("resnet8_tiny")
+    apply = make_apply_fn(model, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+    x1 = jnp.zeros((1, *x.shape[1:]), jnp.uint8)
+    fn, cv, _ = C.compact(apply, v, trace.trace_model(apply, v, x1), None, x1)
+    xb = jax.random.randint(jax.random.key(1), (4, *x.shape[1:]), 0, 256).astype(jnp.uint8)
+    np.testing.assert_allclose(np.asarray(fn(cv, xb)), np.asarray(apply(v, xb)), atol=1e-4, rtol=0)
