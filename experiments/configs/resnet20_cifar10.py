@@ -5,11 +5,15 @@ Command (from the repository root):
   python -m sculpt_jax run --config experiments/configs/resnet20_cifar10.py:t30        # 30% FLOPs
   python -m sculpt_jax run --config experiments/configs/resnet20_cifar10.py:smoke      # CPU check
   python -m sculpt_jax run --config experiments/configs/resnet20_cifar10.py:t70,smoke  # CPU, 70%
+  python -m sculpt_jax run --config experiments/configs/resnet20_cifar10.py:cpu \
+      --data-dir ../shared/data/cifar10-jpeg.tar.gz    # real CIFAR-10, CPU budget (~1.5 h)
   Data: a prepared tfds `cifar10`, or add `--data-dir DIR` (CIFAR python batches, an image-folder
   tree or a .tar.gz of one).
 
 Variants (comma-separated): t30 | t50 (default) | t70 = target TRUE (exact) FLOPs reduction 0.3 /
-0.5 / 0.7, band +-0.05; smoke = the same model on the embedded 8x8 digits with tiny budgets.
+0.5 / 0.7, band +-0.05; smoke = the same model on the embedded 8x8 digits with tiny budgets;
+cpu = the real CIFAR-10 split with a budget that fits about 1.5 hours on a 2-core CPU
+(`_common.cifar_cpu_budget`: 8 + 5 epochs, 192 candidate evaluations).
 
 Budget (`_common.cifar_budget`): pretrain 200 epochs; search 12,800 candidate evaluations on a
 5,000-image validation reward set; fine-tune the top 3 in-band candidates 200 epochs each.
@@ -31,7 +35,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 import _common  # noqa: E402
 
-VARIANTS = ("t30", "t50", "t70", "smoke")
+VARIANTS = ("t30", "t50", "t70", "smoke", "cpu")
 
 
 def get_config(variant=None):
@@ -39,7 +43,10 @@ def get_config(variant=None):
     c = _common.base("resnet20_cifar10", tokens)
     c.model = "resnet20"
     c.dataset = "cifar10"
-    _common.cifar_budget(c)
+    if "cpu" in tokens:
+        _common.cifar_cpu_budget(c)
+    else:
+        _common.cifar_budget(c)
     c.search.target_flops = _common.target_of(tokens)
     if "smoke" in tokens:
         _common.smoke(c)
