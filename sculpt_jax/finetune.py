@@ -484,10 +484,13 @@ def make_topk_train_step(
 
     Every model takes the same batch and key (folded with its own step count, equal for all), so
     the result equals K independent `make_train_step` steps (up to float rounding under "vmap").
-    `mode`: "vmap" (one batched program) or "map" (`lax.map`, sequential; "auto" picks by backend).
+    `mode`: "vmap" (one batched program) or "map" (`lax.map`, sequential). "auto" is "vmap" on
+    every backend: unlike forwards (`make_candidate_eval`), a `lax.map` of whole train steps ran
+    ~25x slower than K separate steps on XLA:CPU, and vmap 1.7x slower (benchmarks/finetune.py);
+    on CPU the fastest is K separate `make_train_step` calls, which is what `pipeline` does.
     Metrics leaves are ``[K]``.
     """
-    mode = _resolve_mode(mode)
+    mode = "vmap" if mode == "auto" else _resolve_mode(mode)
     step = _make_step_fn(apply_fn, tx, augment_fn, label_smoothing)
 
     def topk_step(states, batch, key):
