@@ -13,7 +13,7 @@ Command (from the repository root):
 Variants (comma-separated): t30 | t50 (default) | t70 = target TRUE (exact) FLOPs reduction 0.3 /
 0.5 / 0.7, band +-0.05; smoke = the same model on the embedded 8x8 digits with tiny budgets;
 cpu = the real CIFAR-10 split with a budget that fits about an hour on a 2-core CPU
-(`_common.cifar_cpu_budget`: 8 + 2 epochs, 64 candidate evaluations).
+(`_common.cifar_cpu_budget`: 8 + 1 epochs, 64 candidate evaluations).
 
 Budget (`_common.cifar_budget`): pretrain 200 epochs; search 12,800 candidate evaluations on a
 5,000-image validation reward set; fine-tune the top 3 in-band candidates 200 epochs each.
