@@ -6,14 +6,14 @@ Command (from the repository root):
   python -m sculpt_jax run --config experiments/configs/resnet20_cifar10.py:smoke      # CPU check
   python -m sculpt_jax run --config experiments/configs/resnet20_cifar10.py:t70,smoke  # CPU, 70%
   python -m sculpt_jax run --config experiments/configs/resnet20_cifar10.py:cpu \
-      --data-dir ../shared/data/cifar10-jpeg.tar.gz    # real CIFAR-10, CPU budget (~1 h)
+      --data-dir ../shared/data/cifar10-jpeg.tar.gz    # real CIFAR-10, CPU budget (~1.5 h)
   Data: a prepared tfds `cifar10`, or add `--data-dir DIR` (CIFAR python batches, an image-folder
   tree or a .tar.gz of one).
 
 Variants (comma-separated): t30 | t50 (default) | t70 = target TRUE (exact) FLOPs reduction 0.3 /
 0.5 / 0.7, band +-0.05; smoke = the same model on the embedded 8x8 digits with tiny budgets;
-cpu = the real CIFAR-10 split with a budget that fits about an hour on a 2-core CPU
-(`_common.cifar_cpu_budget`: 8 + 1 epochs, 64 candidate evaluations).
+cpu = the real CIFAR-10 split with a budget that fits about 1.5 hours on a 2-core CPU
+(`_common.cifar_cpu_budget`: 8 + 3 epochs, 128 candidate evaluations).
 
 Budget (`_common.cifar_budget`): pretrain 200 epochs; search 12,800 candidate evaluations on a
 5,000-image validation reward set; fine-tune the top 3 in-band candidates 200 epochs each.
