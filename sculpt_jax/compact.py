@@ -542,14 +542,12 @@ class _Interp:
         if len(out) == 0:
             out = np.asarray([0])
             s = out if g > 1 else s
-        kept = out
         if g == 1:
             out = _aligned(out, fcount, live, self.align)
         kc = np.take(k, out, axis=ro)
         mc = np.take(kmask, out, axis=ro)
         if g == 1:
             kc, mc = np.take(kc, s, axis=ri), np.take(mc, s, axis=ri)
-        mc_kept = np.take(mc, np.searchsorted(out, kept), axis=ro)  # counted: the kept filters
         new_g = len(out) if (g > 1 and k.shape[ri] == 1 and g == width == fcount) else g
         padding = [list(x) for x in p["padding"]] if not isinstance(p["padding"], str) else None
         crop = []
@@ -569,7 +567,7 @@ class _Interp:
                     padding[si] = [padding[si][0] - lo_cut, padding[si][1] - hi_cut]
                     crop.append((si, lo_cut, hi_cut))
         self.cvars[f"{eid}.1"] = kc
-        self._layer_record(layer, width, s, kept, live, alive, kmask, mc_kept, kc, crop)
+        self._layer_record(layer, width, s, out, live, alive, kmask, mc, kc, crop)
         dtype = np.dtype(eqn.outvars[0].aval.dtype)
         rep = _Rep(of, np.asarray(out, np.int64), fcount, np.zeros(fcount, dtype))
         return {"kind": "conv", "in_axis": lf, "in_idx": np.asarray(s).tolist(),
@@ -607,9 +605,7 @@ class _Interp:
             out = np.nonzero(live)[0]
             if len(out) == 0:
                 out = np.asarray([0])
-            kept = out
             out = _aligned(out, k.shape[ko], live, self.align)
-            mm_kept = np.take(mm, kept, axis=ko)
             kk, mm = np.take(kk, out, axis=ko), np.take(mm, out, axis=ko)
             a_nd = len(eqn.invars[1 - kpos].aval.shape)
             if kpos == 1:
@@ -621,12 +617,11 @@ class _Interp:
                        np.zeros(layer.out_features, dtype)).to_json()  # fmt: skip
         else:
             live = np.ones(layer.out_features, bool)
-            out = kept = np.arange(layer.out_features)
-            mm_kept = mm
+            out = np.arange(layer.out_features)
             rep = None
         self.cvars[f"{eid}.{kpos}"] = kk
         s = need if need is not None else np.arange(layer.in_features)
-        self._layer_record(layer, layer.in_features, s, kept, live, alive, kmask, mm_kept, kk, [])
+        self._layer_record(layer, layer.in_features, s, out, live, alive, kmask, mm, kk, [])
         return {"kind": "dot", "kpos": kpos, "in_axis": af,
                 "in_idx": None if need is None else np.asarray(need).tolist(),
                 "out": [rep]}  # fmt: skip
