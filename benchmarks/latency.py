@@ -5,6 +5,8 @@ of every prunable layer but the head at ONE uniform rate found by bisection so t
 reduction (`flops.count_exact`) is about --target; then times the jitted forward of the dense,
 masked (same shapes, zeros) and compacted models at each batch size, and reports the share of the
 FLOPs reduction realised as speedup: (1 - t_compact / t_dense) / (1 - flops_masked / flops_dense).
+``compact_unpruned`` is the compaction of the model without a mask: its time next to the dense
+one is the overhead of the compact replay itself (it should be none).
 
 With several ``--align`` values, each compacted model stores its conv/dense output filters in
 multiples of that value (`compact(..., align=N)`, exact-zero filters materialised; 1 = none) and
@@ -85,6 +87,7 @@ def bench_model(name, batches, target, repeats, aligns=(1,)):
     from sculpt_jax import masking
 
     comps = {}
+    unpruned = compact.compact(model.apply, v, graph, None, x1)  # the replay's own overhead
     for a in aligns:
         t = time.perf_counter()
         comps[a] = compact.compact(model.apply, v, graph, masks, x1, align=a)
@@ -98,10 +101,11 @@ def bench_model(name, batches, target, repeats, aligns=(1,)):
           + ", ".join(f"{a}: {c[2]['stored_params']}" for a, c in comps.items()))  # fmt: skip
     print("timed round-robin; median ms (min ms in brackets); share = (1 - t_compact / t_dense) / "
           "(1 - FLOPs ratio), the goal is >= 0.8 at the throughput batch")
-    cols = ["dense", "masked"] + [f"compact_a{a}" for a in aligns]
+    cols = ["dense", "masked", "compact_unpruned"] + [f"compact_a{a}" for a in aligns]
     print("batch " + " ".join(f"{c:>20s}" for c in cols) + "   speedup / share by align")
     dense_apply = lambda v_, x_: model.apply(v_, x_, train=False)  # noqa: E731
     named = {"dense": (dense_apply, v), "masked": (dense_apply, masking.apply_masks(v, masks))}
+    named["compact_unpruned"] = (unpruned[0], unpruned[1])
     named.update({f"compact_a{a}": (c[0], c[1]) for a, c in comps.items()})
     rep = {"flops_ratio": ratio, "rate": rate, "params": {k: info[k] for k in (
         "dense_params", "masked_params", "params")}, "stored_params": {

@@ -176,6 +176,9 @@ def _expand(a: _A, axis: int, target: np.ndarray):
     )
     if present.all() and np.array_equal(pos, np.arange(len(r.idx))):
         return a.val
+    padded = _expand_by_pad(a.val, axis, pos, present, r.fill[target])
+    if padded is not None:
+        return padded
     shape = [1] * a.val.ndim
     shape[axis] = len(target)
     if len(r.idx):
@@ -188,6 +191,30 @@ def _expand(a: _A, axis: int, target: np.ndarray):
         return g
     fill = jnp.asarray(r.fill[target].astype(a.val.dtype).reshape(shape))
     return jnp.where(jnp.asarray(present.reshape(shape)), g, fill)
+
+
+def _expand_by_pad(val, axis: int, pos: np.ndarray, present: np.ndarray, fill: np.ndarray):
+    """`_expand` as one ``lax.pad`` (or None when it does not apply): when the present channels are
+    one contiguous run of target positions read from consecutive channels of `val` and every
+    absent channel has the same fill (an option-A shortcut's zero-padded channels). A pad fuses
+    like the model's own pad; the gather + select it replaces costs ~10% of an unpruned
+    ResNet-56's forward on XLA:CPU, recomputed in every fusion of the residual chain."""
+    hit = np.nonzero(present)[0]
+    if len(hit) == 0 or hit[-1] - hit[0] + 1 != len(hit):
+        return None
+    src = pos[hit]
+    if not np.array_equal(src, np.arange(src[0], src[0] + len(src))):
+        return None
+    absent = fill[~present]
+    if len(absent) and not np.all(absent == absent[0]):
+        return None
+    x = val
+    if src[0] != 0 or len(src) != val.shape[axis]:
+        x = jax.lax.slice_in_dim(val, int(src[0]), int(src[0]) + len(src), axis=axis)
+    cfg = [(0, 0, 0)] * val.ndim
+    cfg[axis] = (int(hit[0]), int(len(present) - 1 - hit[-1]), 0)
+    c = absent[0] if len(absent) else 0
+    return jax.lax.pad(x, jnp.asarray(c, val.dtype), cfg)
 
 
 def _aligned(out: np.ndarray, width: int, live: np.ndarray, align: int) -> np.ndarray:

@@ -142,6 +142,45 @@ def test_option_a_shortcut_channels_dropped_exactly():
             assert d["kernel_after"][layer.kernel_in_axes[0]] == d["in_after"]
 
 
+def _primitives(jaxpr, acc=None):
+    acc = set() if acc is None else acc
+    for e in jaxpr.eqns:
+        acc.add(e.primitive.name)
+        for p in e.params.values():
+            for sub in p if isinstance(p, (list, tuple)) else [p]:
+                if hasattr(sub, "jaxpr"):
+                    _primitives(sub.jaxpr, acc)
+    return acc
+
+
+def test_unpruned_compacts_to_dense_ops():
+    """Without pruning, option-A shortcuts' zero channels are re-expanded by a pad (as in the
+    model), never a gather + select (that cost ~10% of an unpruned ResNet-56 on XLA:CPU)."""
+    model, v, x, graph, fwd = setup("resnet20")
+    fn, cv, _ = C.compact(model.apply, v, graph, None, x)
+    prims = _primitives(jax.make_jaxpr(fn)(cv, x).jaxpr)
+    assert "pad" in prims
+    assert not {"gather", "select_n"} & prims, prims
+    np.testing.assert_allclose(np.asarray(fn(cv, x)), np.asarray(fwd(v, x)), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("idx, target, fill", [
+    ([2, 3, 4], range(8), 0.0),        # one run, zero fill: pad
+    ([0, 1, 2, 3], range(6), 1.5),     # run at the start, constant nonzero fill: pad
+    ([1, 2, 5], [1, 2], 0.0),          # a contiguous subset: slice
+    ([1, 3, 4], range(6), 0.0),        # two runs: gather + select
+    ([2, 3], range(5), None),          # differing fills: gather + select
+])  # fmt: skip
+def test_expand_matches_reference(idx, target, fill):
+    width, idx, target = 8, np.asarray(idx), np.asarray(list(target))
+    fills = np.arange(width, dtype=np.float32) + 1 if fill is None else np.full(width, fill, np.float32)
+    val = jax.random.normal(jax.random.key(0), (2, 3, len(idx)))
+    full = np.broadcast_to(fills, (2, 3, width)).copy()
+    full[..., idx] = np.asarray(val)
+    a = C._A(val, C._Rep(2, idx, width, fills))
+    np.testing.assert_array_equal(np.asarray(C._expand(a, 2, target)), full[..., target])
+
+
 @pytest.mark.parametrize("pid, shape", [(3, (3, 2)), (4, (2, 3))])
 def test_kernel_cropping(pid, shape):
     _, v, _, graph, _ = setup("vgg_tiny")
