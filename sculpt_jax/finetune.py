@@ -588,10 +588,18 @@ def _fingerprint(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _config_diff(old: Mapping, new: Mapping) -> str:
-    keys = sorted(set(old) | set(new))
-    diffs = [k for k in keys if old.get(k) != new.get(k)]
-    return ", ".join(f"{k}: {old.get(k)!r:.60} -> {new.get(k)!r:.60}" for k in diffs[:5])
+def _config_diff(old: Mapping, new: Mapping, prefix: str = "") -> str:
+    """The first 5 differing entries, nested mappings compared key by key ("a.b: 1 -> 2")."""
+    diffs = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if a == b:
+            continue
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs.append(_config_diff(a, b, f"{prefix}{k}."))
+        else:
+            diffs.append(f"{prefix}{k}: {a!r:.60} -> {b!r:.60}")
+    return ", ".join(diffs[:5])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -325,3 +325,12 @@ def test_fit_input_errors(variables, tmp_path):
         ft.fit(
             MODEL.apply, variables, SPLITS, workdir=tmp_path, **{**FIT_KW, "optimizer": {"lrr": 1}}
         )
+
+
+def test_config_diff_names_the_nested_key():
+    """A resume refused for a changed config names the key that changed, inside nested dicts."""
+    old = {"model": "resnet20", "opt": {"lr": 0.1, "momentum": 0.9, "schedule": "cosine"}}
+    new = {"model": "resnet20", "opt": {"lr": 0.05, "momentum": 0.9, "schedule": "cosine"}}
+    assert ft._config_diff(old, new) == "opt.lr: 0.1 -> 0.05"
+    assert ft._config_diff(old, {**new, "seed": 1}) == "opt.lr: 0.1 -> 0.05, seed: None -> 1"
+    assert ft._config_diff(old, old) == ""
