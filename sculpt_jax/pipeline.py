@@ -523,19 +523,22 @@ def load_export(path: str, like_variables) -> tuple[Any, Any, dict]:
 
 
 def measure_latency(s: Setup, variables, masks, ss: SearchSetup, compact_dir: str,
-                    batches=(1, 256)) -> dict:  # fmt: skip
-    """Compacts the pruned model (exported to `compact_dir`, loadable without masks) and measures
-    dense / masked / compacted latency on this device; returns flat ``latency_*`` row keys."""
+                    batches=(1, 256), align: int = 0) -> dict:  # fmt: skip
+    """Compacts the pruned model (exported to `compact_dir`, loadable without masks; output filters
+    stored in multiples of `align`, 0 = `compact.auto_align()`) and measures dense / masked /
+    compacted latency on this device; returns flat ``latency_*`` row keys."""
     from sculpt_jax import compact as compact_lib
 
     # The raw model on normalised input: normalisation is not part of the pruned network.
     x = data_lib.normalize(s.splits.test.arrays[0][:1], s.splits.mean, s.splits.std)
-    compacted = compact_lib.compact(s.model.apply, variables, ss.graph, masks, x)
+    align = align or compact_lib.auto_align()
+    compacted = compact_lib.compact(s.model.apply, variables, ss.graph, masks, x, align=align)
     compact_lib.save_compact(compact_dir, compacted[1], compacted[2])
     rep = compact_lib.latency_report(s.model.apply, variables, ss.graph, masks, x,
                                      batches=batches, compacted=compacted)  # fmt: skip
-    out = {"latency_device_kind": jax.devices()[0].device_kind,
-           "compact_params": int(compacted[2]["params"])}  # fmt: skip
+    out = {"latency_device_kind": jax.devices()[0].device_kind, "compact_align": align,
+           "compact_params": int(compacted[2]["params"]),
+           "compact_stored_params": int(compacted[2]["stored_params"])}  # fmt: skip
     for b, r in rep["batches"].items():
         for kind in ("dense", "masked", "compact"):
             out[f"latency_ms_{kind}_b{b}"] = float(r[kind]["median_ms"])
@@ -563,7 +566,8 @@ def run(cfg, *, overwrite: bool = False) -> dict:
     latency = {}
     if cfg.report.latency:
         latency = measure_latency(s, fin["variables"], fin["masks"], searched["search_setup"],
-                                  os.path.join(cfg.workdir, "export", "compact"))  # fmt: skip
+                                  os.path.join(cfg.workdir, "export", "compact"),
+                                  align=cfg.report.get("compact_align", 0))  # fmt: skip
     row = dict(fin["summary"], **latency, dense_val_accuracy=pre["val_accuracy"],
                dense_test_accuracy=dense_test, search_seconds=t_search,
                total_seconds=time.perf_counter() - t0)  # fmt: skip

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from sculpt_jax import cli, pipeline
+from sculpt_jax import compact as C
 
 SMOKE = [
     "--model", "resnet8_tiny",
@@ -45,6 +46,8 @@ def test_info_json_reports_exact_counts(capsys):
         (["prune", "--target-flops", "1.5", "--model", "resnet8_tiny", "--workdir", "{tmp}",
           "--config.pretrain.epochs=1"], "target FLOPs reduction must be in (0, 1)"),
         (["pretrain", "--model", "vit_b16", "--workdir", "{tmp}"], "cannot take digits inputs"),
+        (["run", "--workdir", "{tmp}", "--config.report.compact_align=-1"],
+         "report.compact_align must be an int >= 0"),
     ],
 )  # fmt: skip
 def test_bad_input_gives_one_clear_error(argv, message, tmp_path, capsys):
@@ -77,6 +80,8 @@ def test_main_job_smoke_end_to_end(tmp_path, capsys):
     for b in ("b1", "b256"):  # latency of dense, masked and compacted models was measured
         assert all(row[f"latency_ms_{k}_{b}"] > 0 for k in ("dense", "masked", "compact"))
     assert os.path.exists(os.path.join(wd, "export", "compact", "compact.json"))
+    assert row["compact_align"] == C.auto_align() and row["compact_align"] >= 1
+    assert row["compact_stored_params"] >= row["compact_params"]
     ids = json.load(open(os.path.join(wd, "export", "pattern_ids.json")))
     assert set(ids["head"]) == {5}, "the classifier head must never be pruned (it deletes classes)"
 

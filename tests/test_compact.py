@@ -257,6 +257,12 @@ def test_align_pads_storage_not_outputs_or_counts(name):
     assert grew, "no layer was padded"
 
 
+def test_auto_align_by_backend():
+    assert C.auto_align("cpu") == 16  # one AVX-512 vector of float32 (benchmarks/latency.py)
+    assert C.auto_align("gpu") == C.auto_align("tpu") == 1  # not measured there: no padding
+    assert C.auto_align() == C.auto_align(jax.default_backend())
+
+
 def test_align_rejects_bad_values():
     model, v, x, graph, _ = setup("resnet8_tiny")
     with pytest.raises(C.CompactError, match="align must be an int >= 1"):

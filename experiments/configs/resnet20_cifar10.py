@@ -18,11 +18,13 @@ cpu = the real CIFAR-10 split with a budget that fits about 1.5 hours on a 2-cor
 Budget (`_common.cifar_budget`): pretrain 200 epochs; search 12,800 candidate evaluations on a
 5,000-image validation reward set; fine-tune the top 3 in-band candidates 200 epochs each.
 
-Runtime: full run not yet measured on an accelerator. Smoke: measured 376 s end to end (seed 0,
-November 2026) on a shared 2-core CPU while other jobs ran (load average 7-9; an idle machine is
-faster).
+Runtime: full run not yet measured on an accelerator. cpu: measured about 99 min end to end on a
+shared 2-core Xeon (November 2026; pretrain 72 min, search 7 min, fine-tune 18 min), giving dense
+80.67% -> pruned 78.40% test accuracy at 48.1% true FLOPs reduction (experiments/RESULTS.md).
+Smoke: measured 376 s end to end (seed 0, November 2026) on a shared 2-core CPU while other jobs
+ran (load average 7-9; an idle machine is faster).
 
-Expected numbers: not yet measured. For orientation only: He et al. (2016) report 91.25% for the
+Expected numbers (full budget): not yet measured. For orientation only: He et al. (2016) report 91.25% for the
 dense ResNet-20. The AutoSculpt paper's own numbers were withdrawn by its authors (arXiv, June 2025)
 and are not a target; no peer result for ResNet-20 at these true-FLOPs targets is at hand.
 """
