@@ -550,6 +550,24 @@ def measure_latency(s: Setup, variables, masks, ss: SearchSetup, compact_dir: st
 # run
 
 
+def epoch_seconds(workdir: str) -> float | None:
+    """Training seconds recorded by `finetune.fit` under `workdir` (its metrics.jsonl, or those of
+    its sub-folders such as ``finetune/cand<k>/``): the sum of ``epoch_time_s`` over distinct
+    epochs, so a run resumed over several sessions counts every epoch once. None if none."""
+    paths = [os.path.join(workdir, "metrics.jsonl")]
+    if os.path.isdir(workdir):
+        paths += [os.path.join(workdir, d, "metrics.jsonl") for d in sorted(os.listdir(workdir))]
+    total, found = 0.0, False
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        by_epoch = {r["epoch"]: r["epoch_time_s"] for r in ckpt.read_jsonl(path)
+                    if "epoch" in r and "epoch_time_s" in r}  # fmt: skip
+        total += sum(by_epoch.values())
+        found = found or bool(by_epoch)
+    return total if found else None
+
+
 def run(cfg, *, overwrite: bool = False) -> dict:
     """The main job: pretrain -> search -> fine-tune -> report, printing the final table."""
     t0 = time.perf_counter()
@@ -568,8 +586,11 @@ def run(cfg, *, overwrite: bool = False) -> dict:
         latency = measure_latency(s, fin["variables"], fin["masks"], searched["search_setup"],
                                   os.path.join(cfg.workdir, "export", "compact"),
                                   align=cfg.report.get("compact_align", 0))  # fmt: skip
+    wd = os.path.abspath(cfg.workdir)
     row = dict(fin["summary"], **latency, dense_val_accuracy=pre["val_accuracy"],
                dense_test_accuracy=dense_test, search_seconds=t_search,
+               pretrain_epoch_seconds=epoch_seconds(os.path.join(wd, "pretrain")),
+               finetune_epoch_seconds=epoch_seconds(os.path.join(wd, "finetune")),
                total_seconds=time.perf_counter() - t0)  # fmt: skip
     from sculpt_jax import report
 

@@ -791,8 +791,10 @@ def write_run_report(
             "validation accuracy (reward set), chosen candidate before fine-tune",
             "search_val_accuracy_before_finetune",
         ),
-        ("search time", "search_seconds"),
-        ("total time", "total_seconds"),
+        ("search time (this command)", "search_seconds"),
+        ("pretraining epochs, all sessions", "pretrain_epoch_seconds"),
+        ("fine-tuning epochs, all sessions", "finetune_epoch_seconds"),
+        ("wall time of this command (a resumed run counts only its own part)", "total_seconds"),
     ]
     for text, k in acc_lines:
         v = _num(row.get(k))

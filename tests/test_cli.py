@@ -82,6 +82,7 @@ def test_main_job_smoke_end_to_end(tmp_path, capsys):
     assert os.path.exists(os.path.join(wd, "export", "compact", "compact.json"))
     assert row["compact_align"] == C.auto_align() and row["compact_align"] >= 1
     assert row["compact_stored_params"] >= row["compact_params"]
+    assert 0 < row["pretrain_epoch_seconds"] and 0 < row["finetune_epoch_seconds"]
     ids = json.load(open(os.path.join(wd, "export", "pattern_ids.json")))
     assert set(ids["head"]) == {5}, "the classifier head must never be pruned (it deletes classes)"
 

@@ -350,3 +350,24 @@ def test_reproduce_tables_records_failures_and_rejects_bad_config(tmp_path, monk
     with pytest.raises(ValueError, match="unknown config variant"):
         driver.main(["--configs", spec.replace(":smoke", ":t40"), "--out", str(out)])
     assert driver.config_name("a/b/vgg19_cifar100.py") == "vgg19_cifar100"
+
+
+def test_epoch_seconds_counts_each_epoch_once_across_sessions(tmp_path):
+    """A run resumed over sessions: the report's training time sums every epoch once (the last
+    record of an epoch written twice wins), over the stage folder and its candidate folders."""
+    from sculpt_jax.pipeline import epoch_seconds
+
+    pre = tmp_path / "pretrain"
+    pre.mkdir()
+    ckpt.write_jsonl(pre / "metrics.jsonl", [
+        {"epoch": 1, "epoch_time_s": 10.0}, {"epoch": 2, "epoch_time_s": 99.0},
+        {"epoch": 2, "epoch_time_s": 20.0},  # epoch 2 re-run after an interruption
+        {"final": True, "test_accuracy": 0.5},
+    ])  # fmt: skip
+    assert epoch_seconds(str(pre)) == 30.0
+    ft_dir = tmp_path / "finetune"
+    for k, secs in enumerate((5.0, 7.0)):
+        (ft_dir / f"cand{k}").mkdir(parents=True)
+        ckpt.write_jsonl(ft_dir / f"cand{k}" / "metrics.jsonl", [{"epoch": 1, "epoch_time_s": secs}])
+    assert epoch_seconds(str(ft_dir)) == 12.0
+    assert epoch_seconds(str(tmp_path / "missing")) is None
