@@ -201,10 +201,13 @@ def test_kernel_cropping(pid, shape):
     assert tuple(d2["kernel_after"][:2]) == (3, 3)
 
 
-def test_export_round_trip(tmp_path):
-    model, v, x, graph, _ = setup("resnet8_tiny")
+@pytest.mark.parametrize("align", [1, 4])  # the pipeline exports with auto_align() (16 on CPU)
+def test_export_round_trip(tmp_path, align):
+    model, v, x, graph, fwd = setup("resnet8_tiny")
     masks = structured_masks(graph, v)
-    fn, cv, info = C.compact(model.apply, v, graph, masks, x)
+    fn, cv, info = C.compact(model.apply, v, graph, masks, x, align=align)
+    ref = fwd(masking.apply_masks(v, masks), x)
+    np.testing.assert_allclose(np.asarray(fn(cv, x)), np.asarray(ref), atol=1e-4, rtol=0)
     C.save_compact(tmp_path / "m", cv, info)
     fn2, cv2, info2 = C.load_compact(tmp_path / "m", model.apply)
     assert sorted(cv2) == sorted(cv)
