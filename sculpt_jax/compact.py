@@ -40,9 +40,9 @@ equals ``masked_params``. ``stored_params`` counts every stored compact entry (k
 zeros of patterns that could not be cropped; BN statistics are folded in).
 
 Host-only: `compact`, `auto_align`, `save_compact`, `load_compact`, `measure_latency`,
-`measure_latencies`, `latency_report`. The returned ``compact_apply_fn`` is jittable. Sections: AutoSculpt (arXiv
-2412.18091) Sec. 4 (acceleration of pattern-pruned models by compaction); latency measurement and
-`align` are ours.
+`measure_latencies`, `latency_report`. The returned ``compact_apply_fn`` is jittable. Sections:
+AutoSculpt (arXiv 2412.18091) Sec. 4 (acceleration of pattern-pruned models by compaction);
+latency measurement and `align` are ours.
 """
 
 from __future__ import annotations
