@@ -66,6 +66,7 @@ from sculpt_jax.tree_util import flatten_with_paths, path_of
 from sculpt_jax.types import LayerGraph
 
 __all__ = [
+    "auto_align",
     "compact",
     "latency_report",
     "load_compact",
@@ -693,11 +694,7 @@ class _Interp:
             vals = [_expand(x, axis, idx) if isinstance(x, _A) else x for x in vals]
             return [_A(eqn.primitive.bind(*vals, **p), reps[0])]
         if kind == "conv":
-            x = _expand(ins[0], d["in_axis"], np.asarray(d["in_idx"], np.int64)) if (
-                ins[0].rep is not None or d["in_idx"] is not None
-            ) else ins[0].val  # fmt: skip
-            if ins[0].rep is None and len(d["in_idx"]) == x.shape[d["in_axis"]]:
-                pass
+            x = _expand(ins[0], d["in_axis"], np.asarray(d["in_idx"], np.int64))
             w = jnp.asarray(self.cvars[f"{eid}.1"])
             p["feature_group_count"] = d["groups"]
             if d["padding"] is not None:

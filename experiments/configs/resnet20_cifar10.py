@@ -24,9 +24,10 @@ shared 2-core Xeon (November 2026; pretrain 72 min, search 7 min, fine-tune 18 m
 Smoke: measured 376 s end to end (seed 0, November 2026) on a shared 2-core CPU while other jobs
 ran (load average 7-9; an idle machine is faster).
 
-Expected numbers (full budget): not yet measured. For orientation only: He et al. (2016) report 91.25% for the
-dense ResNet-20. The AutoSculpt paper's own numbers were withdrawn by its authors (arXiv, June 2025)
-and are not a target; no peer result for ResNet-20 at these true-FLOPs targets is at hand.
+Expected numbers (full budget): not yet measured. For orientation only: He et al. (2016) report
+91.25% for the dense ResNet-20. The AutoSculpt paper's own numbers were withdrawn by its authors
+(arXiv, June 2025) and are not a target; no peer result for ResNet-20 at these true-FLOPs targets
+is at hand.
 """
 
 import os
