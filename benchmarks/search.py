@@ -1,27 +1,34 @@
-"""Search quality (PPO heads vs random at the same evaluation budget) and search throughput.
+"""Search quality (every method through the same budget-exact decoder, same evaluations, several
+seeds) and search throughput.
 
-Part "quality": pretrains a ResNet-20 with `sculpt_jax.pipeline.pretrain` (CIFAR-10 from
-``../shared/data/cifar10-jpeg.tar.gz`` via dataset "folder" when present, else the embedded digits),
-builds the environment with `pipeline.make_search_setup`, then runs PPO with each policy head
-(paper, per_group, per_filter) and random search with the SAME number of candidate evaluations,
-and prints the best in-band reward-set (validation) accuracy over --seeds as mean +- std.
+Part "quality": a pretrained ResNet (``--pretrained WORKDIR``: a pretrain workdir, e.g. written by
+`benchmarks/pretrain_torch.py`; else pretrained here with `pipeline.pretrain`, cached in
+``--workdir`` so reruns skip it), the environment of `pipeline.make_search_setup` (BN
+recalibration, a stratified validation reward set and a held-out validation part), then every
+method of `--methods` for `--seeds` seeds at each budget of `--budgets` candidate evaluations:
+best on-budget reward-set accuracy BEFORE fine-tuning (mean +- std over seeds), the held-out
+re-score of the kept top-K (the chosen candidate is the best on the held-out part), the in-band
+(on-budget) rate, and optionally a short masked fine-tune of each method's chosen candidate. Methods
+without budget-dependent schedules (ppo, random, uniform, cem) read the smaller budgets off one run
+at the largest. Prints a table per budget with the default method's margin over random and uniform
+in standard errors, and writes ``--json PATH``.
 
 Part "throughput": ResNet-56 (random weights), a synthetic 32x32x3 reward set of --reward-size
 images (5,000 is the reference's). For each N in --n-envs: candidate evaluations/s and seconds per
-PPO iteration (T = --n-steps rollout steps x N envs + the PPO update, one compiled call), side by
-side with a plain sequential Python loop doing the reference's per-step work (random proposal ->
-masks -> exact FLOPs -> one jitted forward per reward batch -> observation graph rebuilt), measured
-in the same run, and ratios. Then `EnvConfig(eval_mode=...)` "map" vs "vmap" for N candidates.
+legacy PPO iteration (T = --n-steps rollout steps x N envs + the PPO update, one compiled call),
+side by side with a plain sequential Python loop doing the reference's per-step work (random
+proposal -> masks -> exact FLOPs -> one jitted forward per reward batch -> observation graph
+rebuilt), measured in the same run, and ratios. Then `EnvConfig(eval_mode=...)` "map" vs "vmap".
 
-    python benchmarks/search.py                                   # both parts, CPU-sized
-    python benchmarks/search.py --part quality --seeds 3 --budget 256 --pretrain-epochs 15
+    python benchmarks/search.py --part quality --dataset digits --seeds 3 --budgets 96
+    python benchmarks/search.py --part quality --pretrained runs/r20_c10 --seeds 5 --budgets 128 512
     python benchmarks/search.py --part throughput --n-envs 1 8 32 --n-steps 8 --reward-size 5000
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import os
 import sys
 import tempfile
@@ -32,11 +39,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import header, time_fn  # noqa: E402
+from _common import header, machine, time_fn  # noqa: E402
 
 CIFAR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
                      "cifar10-jpeg.tar.gz")  # fmt: skip
 HEADS = ("paper", "per_group", "per_filter")
+METHODS = ("ppo", "random", "uniform", "cem", "anneal", "magnitude")
+ONE_RUN = ("ppo", "random", "uniform", "cem")  # no schedule depends on the budget
 
 
 def parse(argv=None):
@@ -46,26 +55,32 @@ def parse(argv=None):
     q.add_argument("--model", default="resnet20")
     q.add_argument("--dataset", default="auto", help="auto (CIFAR-10 folder if present, else "
                    "digits) | cifar10-folder | digits")  # fmt: skip
-    q.add_argument("--train-subset", type=int, default=5000, help="training images (-1: all)")
-    q.add_argument("--val-size", type=int, default=-1, help="-1: dataset default")
-    q.add_argument("--pretrain-epochs", type=int, default=3)
-    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--pretrained", default="", help="a pretrain workdir to start from")
+    q.add_argument("--pretrain-epochs", type=int, default=12)
+    q.add_argument("--val-size", type=int, default=-1, help="-1: 400 for digits, 5000 for CIFAR")
     q.add_argument("--target", type=float, default=0.5, help="true FLOPs reduction target")
-    q.add_argument("--band", type=float, default=0.05)
-    q.add_argument("--reward", default="gated", choices=["paper", "gated"])
-    q.add_argument("--reward-set-size", type=int, default=500, help="quality reward set (-1: val)")
-    q.add_argument("--calib-batches", type=int, default=4, help="BN recalibration batches (0: off)")
-    q.add_argument("--budget", type=int, default=64, help="candidate evaluations per method+seed")
-    q.add_argument("--q-envs", type=int, default=4, help="N for the quality runs")
-    q.add_argument("--q-steps", type=int, default=4, help="T for the quality runs")
+    q.add_argument("--tolerance", type=float, default=0.005)
+    q.add_argument("--reward-set-size", type=int, default=-1, help="-1: val minus held-out")
+    q.add_argument("--heldout-size", type=int, default=-1, help="-1: half of the validation split")
+    q.add_argument("--calib-batches", type=int, default=2, help="BN recalibration batches")
+    q.add_argument("--calib-batch-size", type=int, default=128)
+    q.add_argument("--halving-images", type=int, default=0, help="successive halving (0: off)")
+    q.add_argument("--halving-keep", type=float, default=0.25)
+    q.add_argument("--budgets", nargs="+", type=int, default=[96])
+    q.add_argument("--n-envs", dest="q_envs", type=int, default=16, help="N per call")
     q.add_argument("--seeds", type=int, default=3)
-    q.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
+    q.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    q.add_argument("--sensitivity", action="store_true", help="add the sensitivity feature")
+    q.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE")
+    q.add_argument("--finetune-epochs", type=int, default=0, help="short fine-tune (0: off)")
+    q.add_argument("--finetune-images", type=int, default=-1, help="training images (-1: all)")
     q.add_argument("--workdir", default="", help="default: a fresh temp dir")
+    q.add_argument("--json", default="", help="write the quality results here")
     t = p.add_argument_group("throughput")
     t.add_argument("--t-model", default="resnet56")
     t.add_argument("--reward-size", type=int, default=256, help="synthetic reward-set images")
     t.add_argument("--eval-batch", type=int, default=256, help="reward-set batch per forward")
-    t.add_argument("--n-envs", nargs="+", type=int, default=[1, 4, 8])
+    t.add_argument("--t-envs", dest="n_envs", nargs="+", type=int, default=[1, 4, 8])
     t.add_argument("--n-steps", type=int, default=4, help="T per PPO iteration")
     t.add_argument("--t-head", default="per_group", choices=HEADS)
     t.add_argument("--repeats", type=int, default=3, help="timed iterations / loop steps")
@@ -73,32 +88,28 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
-def _ppo_config(cfg) -> dict:
-    """The PPO settings dict of `pipeline.prune` from a config's ppo section."""
-    c = cfg.ppo
-    return dict(gamma=c.gamma, gae_lambda=c.gae_lambda, clip_eps=c.clip, vf_coef=c.value_coef,
-                ent_coef=c.entropy_coef, lr=c.lr, max_grad_norm=c.max_grad_norm,
-                n_epochs=c.epochs, n_minibatches=c.minibatches, advantage=c.advantage)  # fmt: skip
-
-
 def _mean_std(xs) -> str:
     xs = np.asarray(xs, np.float64)
     ok = xs[np.isfinite(xs)]
     if ok.size == 0:
-        return "   n/a (no in-band candidate)"
-    miss = "" if ok.size == xs.size else f"  ({xs.size - ok.size} seed(s) without in-band)"
-    return f"{ok.mean():.4f} +- {ok.std():.4f}{miss}"
+        return "   n/a"
+    miss = "" if ok.size == xs.size else f" ({xs.size - ok.size} seed(s) without)"
+    return f"{ok.mean():.4f} +- {ok.std(ddof=1) if ok.size > 1 else 0.0:.4f}{miss}"
+
+
+def margin_in_se(a, b) -> float:
+    """(mean a - mean b) / sqrt(se_a^2 + se_b^2), sample stds (ddof 1)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    se = np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+    return float((a.mean() - b.mean()) / se) if se > 0 else float("inf") * np.sign(a.mean() - b.mean())
 
 
 # ----------------------------------------------------------------------------------------------
 # quality
 
 
-def quality(a) -> None:
-    from sculpt_jax import graph as graph_lib
-    from sculpt_jax import pipeline
-    from sculpt_jax.config import get_default_config
-    from sculpt_jax.search import runner
+def quality_config(a):
+    from sculpt_jax.config import apply_overrides, get_default_config
 
     ds = a.dataset
     if ds == "auto":
@@ -106,62 +117,129 @@ def quality(a) -> None:
     cfg = get_default_config()
     cfg.model = a.model
     cfg.dataset, cfg.data_dir = ("folder", CIFAR) if ds == "cifar10-folder" else ("digits", "")
-    cfg.val_size = a.val_size
+    cfg.val_size = a.val_size if a.val_size > 0 else (400 if ds == "digits" else 5000)
     cfg.progress = False
     cfg.workdir = a.workdir or tempfile.mkdtemp(prefix="bench_search_")
     cfg.pretrain.epochs = a.pretrain_epochs
-    cfg.pretrain.batch_size = a.batch_size
+    cfg.pretrain.checkpoint = a.pretrained
     sc = cfg.search
-    sc.target_flops, sc.band, sc.reward = a.target, a.band, a.reward
+    sc.target_flops, sc.tolerance = a.target, a.tolerance
+    sc.heldout_size = a.heldout_size if a.heldout_size >= 0 else cfg.val_size // 2
     sc.reward_set_size = a.reward_set_size
-    sc.bn_recalib_batches = a.calib_batches
-    sc.bn_recalib_batch_size = a.batch_size
+    sc.bn_recalib_batches, sc.bn_recalib_batch_size = a.calib_batches, a.calib_batch_size
+    sc.halving_images, sc.halving_keep = a.halving_images, a.halving_keep
+    sc.n_envs, sc.n_steps, sc.top_k = a.q_envs, 1, 3
+    sc.sensitivity = a.sensitivity
+    apply_overrides(cfg, dict(kv.split("=", 1) for kv in a.set))
+    return cfg, ds
+
+
+def _finetune(cfg, s, variables, ss, cand, a, seed) -> float:
+    """Test accuracy of `cand` after a short masked fine-tune (its masks held)."""
+    from sculpt_jax import finetune as ft
+    from sculpt_jax import pipeline
+
+    tr = s.splits.train.arrays
+    if 0 < a.finetune_images < len(tr[0]):
+        idx = np.random.default_rng(seed).permutation(len(tr[0]))[: a.finetune_images]
+        tr = (tr[0][idx], tr[1][idx])
+    f = cfg.finetune
+    res = ft.fit(s.apply_fn, variables, {"train": tr, "val": s.splits.val.arrays,
+                                         "test": s.splits.test.arrays},
+                 epochs=a.finetune_epochs, batch_size=f.batch_size, workdir=tempfile.mkdtemp(),
+                 seed=seed, masks=pipeline.candidate_masks(ss, cand),
+                 optimizer=dict(kind="sgd", lr=f.lr, momentum=f.momentum,
+                                weight_decay=f.weight_decay, schedule="cosine"),
+                 progress=False)  # fmt: skip
+    return float(res.test_accuracy)
+
+
+def quality(a) -> dict:
+    from sculpt_jax import pipeline
+    from sculpt_jax.search import runner
+
+    cfg, ds = quality_config(a)
     s = pipeline.setup(cfg)
-    if 0 < a.train_subset < s.splits.train.n:
-        idx = np.sort(np.random.default_rng(0).permutation(s.splits.train.n)[: a.train_subset])
-        s = dataclasses.replace(
-            s, splits=dataclasses.replace(s.splits, train=s.splits.train.take(idx))
-        )
-    if sc.reward_set_size > s.splits.val.n:
-        print(f"# reward set: the validation split has only {s.splits.val.n} images; using all")
-        sc.reward_set_size = -1
-    print(f"# quality data: {ds} train={s.splits.train.n} val={s.splits.val.n}; model={a.model}; "
-          f"workdir={cfg.workdir}", flush=True)  # fmt: skip
     t = time.perf_counter()
     pre = pipeline.pretrain(cfg, s=s)
     variables = pre["variables"]
-    print(f"# pretrain: {a.pretrain_epochs} epochs, val {pre['val_accuracy']:.4f}, "
-          f"{time.perf_counter() - t:.0f}s", flush=True)  # fmt: skip
+    print(f"# data: {ds} train={s.splits.train.n} val={s.splits.val.n}; model={a.model}; "
+          f"pretrained val {pre['val_accuracy']:.4f} ({time.perf_counter() - t:.0f}s); "
+          f"workdir={cfg.workdir}", flush=True)  # fmt: skip
     ss = pipeline.make_search_setup(cfg, s, variables)
-    order = np.asarray(graph_lib.importance_order(ss.spec, variables))
-    iters = max(1, a.budget // (a.q_envs * a.q_steps))
-    n_evals = iters * a.q_envs * a.q_steps
-    print(f"# search: target {a.target} (true FLOPs) band {a.band} reward {a.reward}; "
-          f"{n_evals} evaluations per method+seed (N={a.q_envs} x T={a.q_steps} x {iters} it); "
-          f"seeds {a.seeds}", flush=True)  # fmt: skip
-    ppo_cfg = _ppo_config(cfg)
-    methods = [f"ppo/{h}" for h in a.heads] + ["random"]
-    for m in methods:
-        policy = None
-        if m.startswith("ppo/"):
-            policy = runner.policy_for(ss.env, m[4:], variables, cfg.ppo)
-        best, secs, in_band = [], [], []
+    sc = cfg.search
+    n_call = sc.n_envs * sc.n_steps
+    budgets = sorted({max(n_call, b // n_call * n_call) for b in a.budgets})
+    print(f"# search: target {a.target} true FLOPs +- {a.tolerance}; reward set "
+          f"{len(ss.reward[1])} images, held out {len(ss.heldout[1]) if ss.heldout else 0}; BN "
+          f"recalibration {sc.bn_recalib_batches}x{sc.bn_recalib_batch_size}; halving "
+          f"{sc.halving_images or 'off'}; N={sc.n_envs}; budgets {budgets}; seeds {a.seeds}; "
+          f"sensitivity evals {ss.sensitivity_evals}", flush=True)  # fmt: skip
+    out = {"default_method": cfg.search.method, "command": " ".join(sys.argv),
+           "machine": machine(), "pretrained_val_accuracy": pre["val_accuracy"],
+           "by_budget": {str(b): {"methods": {}} for b in budgets}}  # fmt: skip
+    for m in a.methods:
+        policy = pipeline.mixture_policy(cfg, ss) if m == "ppo" else None
+        runs = [(budgets[-1], budgets)] if m in ONE_RUN else [(b, [b]) for b in budgets]
+        rows = {b: {"best_in_band_acc": [], "heldout_acc": [], "in_band": [], "seconds": [],
+                    "finetuned_test_acc": []} for b in budgets}  # fmt: skip
         for seed in range(a.seeds):
-            t = time.perf_counter()
-            res = runner.run_search(
-                ss.env, "ppo" if policy is not None else m,
-                workdir=os.path.join(os.path.abspath(cfg.workdir), "search",
-                                     m.replace("/", "_"), f"seed{seed}"),
-                iterations=iters, seed=seed, n_envs=a.q_envs, n_steps=a.q_steps, top_k=1,
-                policy=policy, ppo_config=ppo_cfg, order=order, library=ss.library,
-                progress=False,
-            )  # fmt: skip
-            secs.append(time.perf_counter() - t)
-            best.append(res.best[0]["accuracy"] if res.best else float("nan"))
-            in_band.append(res.n_in_band / max(res.n_evals, 1))
-        print(f"{m:>14}: best in-band val acc {_mean_std(best)}  in-band rate "
-              f"{np.mean(in_band):.3f}  {np.mean(secs):.1f}s/seed (first incl. compile)  "
-              f"per seed {[round(b, 4) for b in best]}", flush=True)  # fmt: skip
+            for top, reads in runs:
+                t = time.perf_counter()
+                res = runner.run_search(
+                    ss.env, m, workdir=os.path.join(os.path.abspath(cfg.workdir), "search", m,
+                                                    f"b{top}_s{seed}"),
+                    iterations=top // n_call, seed=seed, n_envs=sc.n_envs, n_steps=sc.n_steps,
+                    top_k=sc.top_k, policy=policy, ppo_config=pipeline.bandit_config(cfg),
+                    order=ss.order, library=ss.library, decoder=ss.decoder,
+                    proposal=pipeline.proposal_config(cfg), progress=False,
+                    best_at=tuple(b // n_call for b in reads), overwrite=True,
+                )  # fmt: skip
+                secs = time.perf_counter() - t
+                for b in reads:
+                    it = b // n_call
+                    best = pipeline.rescore(ss, res.best_at.get(it, res.best))
+                    r = rows[b]
+                    r["best_in_band_acc"].append(max([c["accuracy"] for c in best],
+                                                     default=float("nan")))  # fmt: skip
+                    r["heldout_acc"].append(best[0].get("heldout_accuracy", best[0]["accuracy"])
+                                            if best else float("nan"))  # fmt: skip
+                    r["in_band"].append(res.history[it - 1]["n_in_band"] / b)
+                    r["seconds"].append(secs * b / top)
+                    if a.finetune_epochs > 0 and best:
+                        r["finetuned_test_acc"].append(
+                            _finetune(cfg, s, variables, ss, best[0], a, seed))
+        for b in budgets:
+            r = rows[b]
+            entry = {"best_in_band_acc": r["best_in_band_acc"], "heldout_acc": r["heldout_acc"],
+                     "in_band_rate": float(np.mean(r["in_band"])),
+                     "evaluations": int(b + ss.sensitivity_evals),
+                     "seconds_per_seed": float(np.mean(r["seconds"]))}  # fmt: skip
+            if r["finetuned_test_acc"]:
+                entry["finetuned_test_acc"] = r["finetuned_test_acc"]
+            out["by_budget"][str(b)]["methods"][m] = entry
+            print(f"budget {b:4d} {m:>9}: best on-budget val acc {_mean_std(r['best_in_band_acc'])}"
+                  f"  held-out {_mean_std(r['heldout_acc'])}  in-band {entry['in_band_rate']:.3f}"
+                  f"  {entry['seconds_per_seed']:.0f}s/seed"
+                  + (f"  fine-tuned test {_mean_std(r['finetuned_test_acc'])}"
+                     if r["finetuned_test_acc"] else ""), flush=True)  # fmt: skip
+    d = out["default_method"]
+    for b in budgets:
+        ms = out["by_budget"][str(b)]["methods"]
+        if d not in ms:
+            continue
+        for base in ("random", "uniform"):
+            if base in ms and a.seeds > 1:
+                for key in ("best_in_band_acc", "heldout_acc"):
+                    z = margin_in_se(ms[d][key], ms[base][key])
+                    ms[d].setdefault("margin_se", {})[f"{key} vs {base}"] = z
+                    print(f"budget {b}: {d} - {base} on {key}: {z:+.2f} standard errors")
+    out["methods"] = out["by_budget"][str(budgets[-1])]["methods"]
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"# wrote {a.json}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,6 +264,7 @@ def throughput(a) -> None:
     from sculpt_jax import trace as trace_lib
     from sculpt_jax.config import get_default_config
     from sculpt_jax.models import get_model, init_model
+    from sculpt_jax.pipeline import ppo_config
     from sculpt_jax.search import runner
 
     model = get_model(a.t_model, num_classes=10)
@@ -243,7 +322,7 @@ def throughput(a) -> None:
     policy = agent_lib.make_policy(spec, a.t_head, order=order, sigma=cfg.ppo.sigma,
                                    hidden=cfg.ppo.hidden, n_layers=cfg.ppo.gnn_layers,
                                    n_heads=cfg.ppo.heads)  # fmt: skip
-    ppo_cfg = _ppo_config(cfg)
+    ppo_cfg = ppo_config(cfg)
     for n in a.n_envs:
         init_fn, iter_fn = runner.compiled_search(
             env, "ppo", order=order, policy=policy, ppo_config=ppo_cfg, n_envs=n,

@@ -45,26 +45,61 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.pretrain.augment = True
 
     c.search = ml_collections.ConfigDict()
-    c.search.method = "ppo"  # ppo | random | uniform | magnitude | autocompress
+    # ppo (AutoSculpt: GNN + PPO) | random | uniform | cem | anneal | magnitude | autocompress
+    c.search.method = "ppo"
     c.search.library = "reference6"  # pattern library (sculpt_jax.patterns)
-    c.search.target_flops = 0.5  # target FLOPs reduction in (0, 1)
-    c.search.band = 0.05  # |reduction - target| <= band counts as in-band (REFERENCE.md sec. 5)
+    c.search.constraint = "flops"  # flops | params: what the target reduction counts
+    c.search.target_flops = 0.5  # target FLOPs reduction in (0, 1) (constraint "flops")
+    c.search.target_params = 0.5  # target parameter reduction in (0, 1) (constraint "params")
     c.search.flops_kind = "true"  # true (exact masked FLOPs) | reference (the reference's formula)
-    c.search.reward = "paper"  # paper | gated
-    c.search.reward_set_size = -1  # validation examples used for the reward (-1: all of them)
+    # Budget-exact decoding (sculpt_jax.decode): every proposal is decoded to within this much of
+    # the target (0.005 = 0.5 percentage points). The legacy heads use the reference's band instead.
+    c.search.tolerance = 0.005
+    c.search.band = 0.05  # legacy heads only: |reduction - target| <= band is in band
+    c.search.reward = "paper"  # legacy heads only: paper | gated
+    c.search.reward_set_size = -1  # validation images scored per candidate (-1: all not held out)
+    # Validation images held out of the search to re-score its top-K before choosing what to
+    # fine-tune (the winner's curse): -1 = half of the validation split, 0 = off.
+    c.search.heldout_size = -1
     c.search.bn_recalib_batches = 4  # adaptive-BN batches of training data per candidate (0: off)
     c.search.bn_recalib_batch_size = 128
+    c.search.halving_images = 0  # > 0: successive halving, first stage on this many reward images
+    c.search.halving_keep = 0.25  # fraction of each call's candidates promoted to the full set
     c.search.eval_mode = "auto"  # auto | map | vmap: how N candidates are evaluated per call
-    c.search.head = "per_group"  # paper | per_group | per_filter (see experiments/RESULTS.md)
+    # mixture (low-dimensional GNN policy, budget-exact, bandit PPO) | legacy: paper | per_group |
+    # per_filter (the reference's band rule; see experiments/RESULTS.md)
+    c.search.head = "mixture"
     c.search.level = "filter"  # filter | layer graph
-    c.search.n_envs = 4
-    c.search.n_steps = 8  # rollout length T per iteration
-    c.search.iterations = 10
-    c.search.max_episode_steps = 500
-    c.search.top_k = 3  # in-band candidates kept for fine-tuning
+    c.search.n_envs = 16  # candidates per compiled evaluation call
+    c.search.n_steps = 1  # calls per iteration (one policy update per iteration)
+    c.search.iterations = 8
+    c.search.max_episode_steps = 500  # legacy heads only
+    c.search.top_k = 3  # on-budget candidates kept (re-scored when heldout_size > 0, fine-tuned)
     c.search.n_seeds = 1
+    # Initial std of the proposal Gaussian (policy, random, CEM, annealing steps): on the shared
+    # network-wide row of pattern logits and on each layer's row (sculpt_jax.decode)
+    c.search.init_std = 1.0
+    c.search.init_std_layer = 0.5
+    c.search.sensitivity = False  # per-layer sensitivity node feature (costs L evaluations)
+    c.search.policy_from = ""  # a workdir whose trained policy starts this search (transfer)
 
-    c.ppo = ml_collections.ConfigDict()
+    c.bandit = ml_collections.ConfigDict()  # the mixture head's contextual-bandit PPO update
+    c.bandit.lr = 0.1  # Adam on the Gaussian's own parameters (the improvement step)
+    c.bandit.epochs = 8
+    c.bandit.minibatches = 1
+    c.bandit.clip = 0.2
+    c.bandit.target_kl = 0.5  # trust region on the mean part of KL(old || new) per update
+    c.bandit.target_kl_std = 0.05  # ... and on its std part
+    c.bandit.entropy_coef = 0.0
+    c.bandit.baseline = "loo"  # loo (leave-one-out) | mean
+    c.bandit.max_grad_norm = 1.0
+    c.bandit.fit_lr = 0.01  # Adam on the GNN's params when projecting the improved policy
+    c.bandit.fit_steps = 64
+    c.bandit.min_std = 0.05
+    c.bandit.cem_elite = 0.25  # method cem: elite fraction
+    c.bandit.cem_alpha = 0.7  # method cem: smoothing
+
+    c.ppo = ml_collections.ConfigDict()  # GNN sizes (all heads) and the legacy heads' PPO
     c.ppo.lr = 1e-3
     c.ppo.gamma = 0.9
     c.ppo.gae_lambda = 0.95
@@ -208,17 +243,28 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"target FLOPs reduction must be in (0, 1), got {s.target_flops}; e.g. 0.5 removes "
             "half of the FLOPs (--target-flops 0.5)"
         )
+    if not 0.0 < s.get("target_params", 0.5) < 1.0:
+        raise ValueError(f"search.target_params must be in (0, 1), got {s.target_params}")
     if not 0.0 < s.band < 1.0:
         raise ValueError(f"search.band must be in (0, 1), got {s.band}")
+    if not 0.0 < s.get("tolerance", 0.005) < 1.0:
+        raise ValueError(
+            f"search.tolerance must be in (0, 1), got {s.tolerance}; e.g. 0.005 accepts "
+            "reductions within half a percentage point of the target"
+        )
     choices = {
-        "search.method": (s.method, ("ppo", "random", "uniform", "magnitude", "autocompress")),
-        "search.head": (s.head, ("paper", "per_group", "per_filter")),
+        "search.method": (s.method, ("ppo", "random", "uniform", "cem", "anneal", "magnitude",
+                                     "autocompress")),
+        "search.head": (s.head, ("mixture", "paper", "per_group", "per_filter")),
+        "search.constraint": (s.get("constraint", "flops"), ("flops", "params")),
         "search.flops_kind": (s.flops_kind, ("true", "reference")),
         "search.reward": (s.reward, ("paper", "gated")),
         "search.level": (s.level, ("filter", "layer")),
         "search.eval_mode": (s.eval_mode, ("auto", "map", "vmap")),
         "ppo.advantage": (cfg.ppo.advantage, ("gae", "reference")),
-    }
+    }  # fmt: skip
+    if "bandit" in cfg:
+        choices["bandit.baseline"] = (cfg.bandit.baseline, ("loo", "mean"))
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
@@ -235,6 +281,23 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         section, name = key.split(".")
         if cfg[section][name] < 1:
             raise ValueError(f"{key} must be >= 1, got {cfg[section][name]}")
+    if s.get("heldout_size", 0) < -1 or s.get("halving_images", 0) < 0:
+        raise ValueError("search.heldout_size must be >= -1 (-1 = half the validation split, 0 = "
+                         "off) and search.halving_images >= 0 (0 = off)")  # fmt: skip
+    if not 0.0 < s.get("halving_keep", 0.25) <= 1.0:
+        raise ValueError(f"search.halving_keep must be in (0, 1], got {s.halving_keep}")
+    if not (s.get("init_std", 1.0) > 0 and s.get("init_std_layer", 0.5) > 0):
+        raise ValueError("search.init_std and search.init_std_layer must be > 0")
+    if "bandit" in cfg:
+        b = cfg.bandit
+        if not (b.lr > 0 and b.target_kl > 0 and b.target_kl_std > 0 and b.clip > 0):
+            raise ValueError("bandit.lr, bandit.target_kl, bandit.target_kl_std and bandit.clip "
+                             "must be > 0")  # fmt: skip
+        if b.epochs < 1 or b.minibatches < 1 or (s.n_envs * s.n_steps) % b.minibatches:
+            raise ValueError(
+                f"bandit.epochs >= 1 and bandit.minibatches >= 1 dividing the {s.n_envs * s.n_steps}"
+                " samples of an iteration (search.n_envs * search.n_steps) are required"
+            )
     align = cfg.report.get("compact_align", 0)
     if not isinstance(align, int) or align < 0:
         raise ValueError(

@@ -6,7 +6,7 @@ train / val / test splits (images uint8 NHWC, labels int32) plus the normalisati
 * ``"digits"`` (the embedded offline default): scikit-learn's ``load_digits()``, 1,797 REAL 8x8
   handwritten digits (UCI optdigits) shipped inside the sklearn wheel: real data, 10 classes, no
   network, loads in well under a second. 16 grey levels are scaled to uint8 0..255. Fixed stratified
-  split: test 297 (always the same examples), val 200 (seeded), train 1,300.
+  split: test 297 (always the same examples), val 400 (seeded), train 1,100.
 * ``"cifar10" | "cifar100" | "imagenet2012"`` without ``data_dir``: tensorflow-datasets WITHOUT
   TensorFlow, via ``tfds.data_source(..., download=False)`` (array_record, random access). A
   filesystem check runs first, so a missing dataset fails in well under a second with instructions;
@@ -95,7 +95,7 @@ DATASET_NAMES = ("digits", *TFDS_NAMES, "folder")
 
 _NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagenet2012": 1000}
 _DEFAULT_VAL_SIZE: dict[str, int | float] = {
-    "digits": 200,
+    "digits": 400,
     "cifar10": 5000,
     "cifar100": 5000,
     "imagenet2012": 10000,
@@ -1208,7 +1208,7 @@ def load_dataset(
         ~/tensorflow_datasets); else a CIFAR pickle dir, an image-folder tree, a .tar.gz of one, or
         a tfds data dir (layouts auto-detected; see `_LAYOUTS_HELP`).
       val_size: examples carved (stratified, seeded) from train for validation: an int count or a
-        float fraction; None or negative -> the dataset default (digits 200, CIFAR 5,000, ImageNet
+        float fraction; None or negative -> the dataset default (digits 400, CIFAR 5,000, ImageNet
         10,000, folder 10%). Ignored when an image folder has its own val/.
       seed: seeds the validation carve (the digits test split is fixed independently of it).
       cache_dir: where decoded image folders / label indexes are cached (see `default_cache_dir`).

@@ -51,6 +51,8 @@ class EnvConfig:
     max_episode_steps: int = 500
     eval_mode: str = "auto"  # auto | map | vmap
     eval_batch_size: int = 256
+    halving_images: int = 0  # > 0: successive halving, first stage on this many reward images
+    halving_keep: float = 0.25  # fraction of a call's candidates promoted to the full reward set
 
     def __post_init__(self):
         if not 0.0 < self.target < 1.0:
@@ -68,6 +70,11 @@ class EnvConfig:
             raise ValueError("max_episode_steps must be >= 1")
         if self.eval_mode not in ("auto", "map", "vmap"):
             raise ValueError(f"eval_mode must be auto, map or vmap, got {self.eval_mode!r}")
+        if self.halving_images < 0 or not 0.0 < self.halving_keep <= 1.0:
+            raise ValueError(
+                f"successive halving needs halving_images >= 0 (0 = off) and halving_keep in "
+                f"(0, 1], got {self.halving_images} and {self.halving_keep}"
+            )
 
     @property
     def resolved_eval_mode(self) -> str:
@@ -103,6 +110,12 @@ class Env(NamedTuple):
       evaluated (bool).
     step(consts, states [N], pattern_ids [N, n_nodes]) -> (states, reward [N], done [N], info [N]).
     masks_of(pattern_ids [n_nodes]) -> mask pytree mirroring params (reads shapes only).
+    evaluate_staged(consts, pattern_ids [K, n_nodes]) -> info like `evaluate` plus promoted (bool
+      [K]) and images (int32 [K], reward images scored): successive halving (`EnvConfig.
+      halving_images` > 0): every candidate is scored on the first reward chunks (at least
+      halving_images images), the best ceil(halving_keep K) of them on the rest too; accuracy is
+      the full-set accuracy of promoted candidates, the first stage's of the others (both
+      unbiased estimates of the same number). With halving off it is `evaluate`, all promoted.
     """
 
     spec: Any
@@ -113,6 +126,7 @@ class Env(NamedTuple):
     evaluate: Callable
     step: Callable
     masks_of: Callable
+    evaluate_staged: Callable = None
 
 
 def _chunk(images: np.ndarray, labels: np.ndarray, batch: int):
@@ -212,6 +226,7 @@ def make_env(
     library: str | pat.PatternLibrary = "reference6",
     calib_images: np.ndarray | None = None,
     config: EnvConfig | None = None,
+    node_features: np.ndarray | None = None,
 ) -> Env:
     """Builds the pruning environment of one pretrained model (host-side, once).
 
@@ -224,6 +239,8 @@ def make_env(
       library: pattern library.
       calib_images: float32 [B, batch, H, W, C] training batches for BN recalibration, or None.
       config: `EnvConfig`.
+      node_features: optional float32 [n_nodes, k] appended to every observation's node features
+        (e.g. `sensitivity_features`).
     Returns: `Env`.
     """
     config = config or EnvConfig()
@@ -249,7 +266,14 @@ def make_env(
         "variables": variables,
         "reward": (r_imgs, r_labs, r_w),
         "calib": None if recal is None else jnp.asarray(calib_images),
+        "node_features": None if node_features is None else jnp.asarray(node_features, jnp.float32),
     }
+    if node_features is not None and np.shape(node_features)[:1] != (spec.n_nodes,):
+        raise ValueError(f"node_features must be [n_nodes={spec.n_nodes}, k], got "
+                         f"{np.shape(node_features)}")  # fmt: skip
+    n_chunks = int(r_imgs.shape[0])
+    n_first = n_chunks if config.halving_images <= 0 else -(-config.halving_images // bs)
+    n_first = min(n_chunks, n_first)  # successive halving: reward chunks of the first stage
     mode = config.resolved_eval_mode
     init_ids = jnp.asarray(graph_lib.initial_pattern_ids(spec))
 
@@ -271,22 +295,31 @@ def make_env(
             "reduction": red,
         }
 
-    def accuracy(consts, masks):
+    def candidate_variables(consts, masks, stats=None):
+        """The masked candidate's variables; BatchNorm statistics recalibrated (or `stats`)."""
         variables = consts["variables"]
-        p = masking.apply_masks(variables["params"], masks)
-        v = {"params": p}
+        v = {"params": masking.apply_masks(variables["params"], masks)}
         if has_bn:
-            v["batch_stats"] = (
-                recal(p, consts["calib"]) if recal is not None else variables["batch_stats"]
-            )
+            if stats is None:
+                stats = (recal(v["params"], consts["calib"]) if recal is not None
+                         else variables["batch_stats"])  # fmt: skip
+            v["batch_stats"] = stats
+        return v
+
+    def count_correct(consts, v, lo, hi):
+        """Correct predictions of variables `v` on the reward chunks [lo, hi) (static bounds)."""
 
         def chunk(carry, xs):
             x, y, w = xs
             logits = apply_fn(v, x, train=False)
             return carry + jnp.sum((jnp.argmax(logits, -1) == y) * w), None
 
-        correct, _ = jax.lax.scan(chunk, jnp.float32(0.0), consts["reward"])
-        return correct / n_reward
+        part = jax.tree.map(lambda a: a[lo:hi], consts["reward"])
+        correct, _ = jax.lax.scan(chunk, jnp.float32(0.0), part)
+        return correct
+
+    def accuracy(consts, masks):
+        return count_correct(consts, candidate_variables(consts, masks), 0, n_chunks) / n_reward
 
     def evaluate_one(consts, pattern_ids, gate):
         masks, info = measure(pattern_ids)
@@ -309,11 +342,48 @@ def make_env(
         out["evaluated"] = gate
         return out
 
+    weights_np = np.asarray(r_w)
+    n_first_images = float(weights_np[:n_first].sum())
+
+    def evaluate_staged(consts, pattern_ids):
+        pattern_ids = jnp.asarray(pattern_ids, jnp.int32)
+        k = pattern_ids.shape[0]
+        if n_first >= n_chunks:
+            info = evaluate(consts, pattern_ids)
+            return dict(info, promoted=jnp.ones((k,), bool),
+                        images=jnp.full((k,), int(n_reward), jnp.int32))  # fmt: skip
+
+        def first(ids):
+            masks, info = measure(ids)
+            v = candidate_variables(consts, masks)
+            return dict(info, correct=count_correct(consts, v, 0, n_first)), v.get("batch_stats")
+
+        def second(args):
+            ids, stats = args
+            v = candidate_variables(consts, masks_of(ids), stats)
+            return count_correct(consts, v, n_first, n_chunks)
+
+        run = jax.lax.map if mode == "map" else jax.vmap
+        info, stats = run(first, pattern_ids)
+        n_keep = max(1, min(k, int(np.ceil(config.halving_keep * k))))
+        _, top = jax.lax.top_k(info["correct"], n_keep)
+        rest = run(second, (pattern_ids[top], jax.tree.map(lambda a: a[top], stats)))
+        promoted = jnp.zeros((k,), bool).at[top].set(True)
+        acc = info.pop("correct") / n_first_images
+        acc = acc.at[top].set((acc[top] * n_first_images + rest) / n_reward)
+        images = jnp.where(promoted, int(n_reward), int(n_first_images)).astype(jnp.int32)
+        return dict(info, accuracy=acc, evaluated=jnp.ones((k,), bool), promoted=promoted,
+                    images=images)  # fmt: skip
+
     def reset():
         return EnvState(t=jnp.int32(0), pattern_ids=init_ids, episode=jnp.int32(0))
 
     def observe(consts, state):
-        return graph_lib.make_observation(spec, consts["variables"], state.pattern_ids)
+        obs = graph_lib.make_observation(spec, consts["variables"], state.pattern_ids)
+        extra = consts.get("node_features")
+        if extra is None:
+            return obs
+        return obs._replace(nodes={"feat": jnp.concatenate([obs.nodes["feat"], extra], axis=1)})
 
     def step(consts, states, pattern_ids):
         pattern_ids = jnp.where(jnp.asarray(spec.action_mask)[None], pattern_ids, -1)
@@ -333,4 +403,4 @@ def make_env(
         info = dict(info, in_band=band)
         return new, reward, done, info
 
-    return Env(spec, config, consts, reset, observe, evaluate, step, masks_of)
+    return Env(spec, config, consts, reset, observe, evaluate, step, masks_of, evaluate_staged)

@@ -332,3 +332,99 @@ reference_flops_reduction = jax.jit(
     _reference_flops_reduction, static_argnames=("graph", "library")
 )
 reference_flops_reduction.__doc__ = _reference_flops_reduction.__doc__
+
+
+# ----------------------------------------------------------------------------------------------
+# The same exact counts straight from per-filter pattern ids (no mask pytree): the decoder's measure.
+
+
+def _pattern_costs(layer: Layer, lib: pat.PatternLibrary) -> tuple[np.ndarray, np.ndarray]:
+    """Per pattern id of `layer` (host, static): (in-bounds MACs per input channel of one filter,
+    kept kernel cells of one filter), i.e. ``w_p = sum_k P_k m_p[k]`` and ``kc_p = sum_k m_p[k]``.
+
+    Mirrors `masking.layer_canonical_mask`: on layers where only keep/remove are valid, every id but
+    the remove id keeps the whole filter.
+    """
+    k, _, _ = pat.canonical_shape(layer)
+    pos = np.asarray(layer.cell_position_counts, np.float64)
+    if bool(pat.valid_patterns(layer, lib).all()):
+        cells = np.asarray(lib.masks, np.float64).reshape(lib.n_patterns, -1)
+        if cells.shape[1] != k:
+            raise ValueError(
+                f"layer {layer.name!r}: {k} kernel cells but the {lib.name!r} masks have "
+                f"{cells.shape[1]}; spatial libraries apply to 3x3 kernels only."
+            )
+        return cells @ pos, cells.sum(axis=1)
+    keep = np.ones(lib.n_patterns)
+    if lib.has_remove:
+        keep[lib.remove_id] = 0.0
+    return keep * pos.sum(), keep * k
+
+
+def _count_ids(
+    graph: LayerGraph, layer_ids: tuple, library: str | pat.PatternLibrary = "reference6"
+) -> dict[str, jax.Array]:
+    lib = pat.get_library(library)
+    if lib.kind == "region":
+        raise ValueError(
+            f"count_ids supports per-filter libraries; {lib.name!r} is a region library: build the "
+            "masks (masking.pattern_ids_to_masks) and use flops.count"
+        )
+    if len(layer_ids) != graph.n_layers:
+        raise ValueError(f"count_ids: {len(layer_ids)} id vectors for {graph.n_layers} layers")
+    shapes = [_check_layer(layer) for layer in graph.layers]
+    n_kernel, n_affine, affine = _affine_param_count(graph)
+    n_other = graph.total_params - n_kernel - n_affine
+    ids, costs = [], []
+    for layer, li, (_, _, f) in zip(graph.layers, layer_ids, shapes, strict=True):
+        li = jnp.asarray(li, jnp.int32).reshape(-1)
+        if li.shape != (f,):
+            raise ValueError(f"layer {layer.name!r}: ids of shape {li.shape}, expected [{f}]")
+        ids.append(jnp.where((li >= 0) & (li < lib.n_patterns), li, lib.keep_id))
+        costs.append(_pattern_costs(layer, lib))
+    filter_alive = [jnp.asarray(kc > 0)[i] for i, (_, kc) in zip(ids, costs, strict=True)]
+    macs, kept, seen = jnp.float32(0.0), jnp.int32(0), set()
+    for layer, i, (w, kc), (_, n_in, f) in zip(graph.layers, ids, costs, shapes, strict=True):
+        g = layer.groups
+        alive_in = _alive_in(layer, filter_alive).reshape(g, n_in).sum(axis=1)
+        n_alive = jnp.repeat(alive_in, f // g).astype(jnp.float32)  # [F] alive inputs per filter
+        macs = macs + jnp.sum(jnp.asarray(w, jnp.float32)[i] * n_alive)
+        if layer.kernel_path not in seen:
+            seen.add(layer.kernel_path)
+            kept = kept + jnp.sum(jnp.asarray(kc, jnp.int32)[i]) * n_in
+    alive_affine = sum(
+        (jnp.sum(filter_alive[li], dtype=jnp.int32) for li in affine.values()), jnp.int32(0)
+    )
+    masked_params = kept + alive_affine + jnp.int32(n_other)
+    dense_macs = float(graph.dense_macs)
+    masked_flops = 2.0 * macs + float(graph.other_flops)
+    return {
+        "masked_macs": macs,
+        "masked_flops": masked_flops,
+        "masked_params": masked_params,
+        "macs_reduction": 1.0 - macs / max(dense_macs, 1.0),
+        "flops_reduction": 1.0 - masked_flops / max(float(graph.dense_flops), 1.0),
+        "params_reduction": 1.0 - masked_params.astype(jnp.float32) / max(graph.total_params, 1),
+        "reference_reduction": _reference_flops_reduction(graph, tuple(ids), lib),
+    }
+
+
+count_ids: Callable[..., dict[str, jax.Array]] = jax.jit(
+    _count_ids, static_argnames=("graph", "library")
+)
+count_ids.__doc__ = """Exact counts of the model pruned by per-filter pattern ids (jitted; no masks).
+
+The same numbers as ``count(graph, masking.pattern_ids_to_masks(graph, params, layer_ids, lib))``
+for "filter" and "kernel" libraries with one id per filter, at O(filters) cost instead of
+O(weights): masked MACs ``sum_l sum_f w_(id_f) * alive_inputs_f`` with ``w_p = sum_k P_k m_p[k]``
+(in-bounds MACs per input channel, see the module docstring) and the alive inputs from the layer's
+sources; params from the kept cells. Used by `decode` inside its bisection.
+
+Args:
+  graph: `LayerGraph` (static).
+  layer_ids: per layer, int ``[out_features]`` pattern ids (ids outside ``[0, P)`` keep all).
+  library: pattern library (static).
+Returns: dict of float32 scalars masked_macs, masked_flops, macs_reduction, flops_reduction,
+  params_reduction, reference_reduction (the reference formula, labelled), and int32
+  masked_params. Region libraries raise ValueError (use `count` on masks).
+"""

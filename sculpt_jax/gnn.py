@@ -6,8 +6,13 @@ embedding. Ours fixes REFERENCE.md 6.3: ONE params tree holds a trainable edge-t
 by the encoder, the actor and the critic (no separate critic encoder, no frozen tables).
 
 `ActorCritic.__call__(graph, node_mask, edge_mask, action_mask, valid, node_group)` ->
-``{"value": f32 [], "mean": f32 [P]}`` (head "paper") or ``{"value", "logits": f32 [N, P]}``
-(heads "per_group", "per_filter"; per_group also returns ``"group_logits": f32 [G, P]``). The
+``{"value": f32 [], "mean": f32 [P]}`` (head "paper"), ``{"value", "logits": f32 [N, P]}``
+(heads "per_group", "per_filter"; per_group also returns ``"group_logits": f32 [G, P]``) or
+``{"value", "mean": f32 [G + 1, P], "log_std": f32 [2, P]}`` (head "mixture": a diagonal Gaussian
+over a network-wide row of pattern logits (from the pooled embedding) and one row per segment,
+`node_group` then holding each action node's LAYER; one log-std row for the network-wide row and
+one shared by the segment rows; the mean's last dense layers start at zero, so every seed's
+initial mean is the all-zero proposal). The
 per-node `logits` are already masked: invalid patterns and non-action rows hold `NEG_LOGIT`, so
 ``softmax`` puts exactly zero mass there. The static masks come from `graph.GraphSpec` (the policy
 in `agent.make_policy` closes over them); this module does not import `graph` (same layer).
@@ -27,7 +32,7 @@ import jraph
 # (so entropies and gradients never see inf - inf or 0 * inf).
 NEG_LOGIT = -1e9
 
-HEADS = ("paper", "per_group", "per_filter")
+HEADS = ("paper", "per_group", "per_filter", "mixture")
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -117,7 +122,9 @@ class ActorCritic(nn.Module):
       n_edge_types: size of the trainable edge-type embedding (`graph.n_edge_types(spec)`).
       n_groups: number of action groups G (used by head "per_group").
       head: "paper" (pooled -> Gaussian mean over pattern probabilities, in (0, 1)), "per_group"
-        (group logits [G, P]) or "per_filter" (node logits [N, P]).
+        (group logits [G, P]), "per_filter" (node logits [N, P]) or "mixture" (Gaussian mean
+        [G + 1, P]: a network-wide row and one per segment, zero at init; learnable log-std [2, P]).
+      init_log_std: initial log-std of the "mixture" head's network-wide row and segment rows.
       hidden: node embedding width; n_layers: GATv2 layers; n_heads: attention heads.
       edge_dim: edge-type embedding width; mlp_hidden: width of the head MLPs.
     """
@@ -131,6 +138,7 @@ class ActorCritic(nn.Module):
     n_heads: int = 4
     edge_dim: int = 32
     mlp_hidden: int = 128
+    init_log_std: tuple[float, float] = (0.0, 0.0)
 
     @nn.compact
     def __call__(
@@ -167,6 +175,20 @@ class ActorCritic(nn.Module):
         p = self.n_patterns
         if self.head == "paper":
             out["mean"] = jax.nn.sigmoid(MLP((self.mlp_hidden, p), name="actor")(pooled))
+            return out
+        if self.head == "mixture":
+            g = segment_mean(h, jnp.where(action_mask, node_group, -1), self.n_groups)
+            x = jnp.concatenate([g, jnp.broadcast_to(pooled, g.shape)], -1)
+            x = jnp.tanh(MLP((self.mlp_hidden,), name="actor")(x))
+            zeros = nn.initializers.zeros
+            rows = nn.Dense(p, kernel_init=zeros, bias_init=zeros, name="actor_out")(x)
+            shared = jnp.tanh(MLP((self.mlp_hidden,), name="actor_shared")(pooled))
+            shared = nn.Dense(p, kernel_init=zeros, bias_init=zeros, name="shared_out")(shared)
+            out["mean"] = jnp.concatenate([shared[None], rows], axis=0)
+            init = lambda key, shape: jnp.broadcast_to(
+                jnp.asarray(self.init_log_std, jnp.float32)[:, None], shape
+            )
+            out["log_std"] = self.param("log_std", init, (2, p))
             return out
         if self.head == "per_group":
             g = segment_mean(h, jnp.where(action_mask, node_group, -1), self.n_groups)

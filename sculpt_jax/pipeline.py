@@ -26,13 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sculpt_jax import bandit, masking
 from sculpt_jax import checkpoint as ckpt
 from sculpt_jax import data as data_lib
+from sculpt_jax import decode as decode_lib
 from sculpt_jax import env as env_lib
 from sculpt_jax import finetune as ft
 from sculpt_jax import flops as flops_lib
 from sculpt_jax import graph as graph_lib
-from sculpt_jax import masking
 from sculpt_jax import patterns as pat
 from sculpt_jax import trace as trace_lib
 from sculpt_jax.search import runner
@@ -251,10 +252,43 @@ class SearchSetup:
     library: Any
     reward: tuple = ()  # (images, labels) of the validation reward set
     calib: Any = None  # [B, batch, H, W, C] BN-recalibration batches or None
+    decoder: Any = None  # the budget-exact decoder (decode.Decoder)
+    order: Any = None  # graph.importance_order of the pretrained variables
+    heldout: tuple = ()  # (images, labels) held out of the search, to re-score its top-K
+    sensitivity_evals: int = 0  # evaluations spent on the sensitivity feature
+    apply_fn: Any = None  # the model's apply function (for the held-out environment)
+
+
+def split_validation(cfg, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(reward-set indices, held-out indices) into the validation split (held out: search.
+    heldout_size, -1 = half; reward set: search.reward_set_size, -1 = the rest): stratified and seeded
+    (`data.stratified_split`), so both parts have every class in proportion whatever the order
+    of the split. Raises ValueError when the two do not fit in the validation split."""
+    sc = cfg.search
+    n_val, n_held = len(labels), int(sc.get("heldout_size", 0))
+    n_held = n_val // 2 if n_held < 0 else n_held
+    n_reward = n_val - n_held if sc.reward_set_size < 0 else int(sc.reward_set_size)
+    if n_reward < 1 or n_reward + n_held > n_val:
+        raise ValueError(
+            f"search.reward_set_size={sc.reward_set_size} and search.heldout_size={n_held} do not "
+            f"fit in the validation split ({n_val} images); lower them or raise --config.val_size"
+        )
+    reward, held, _ = data_lib.stratified_split(labels, [n_reward, n_held], cfg.seed)
+    return reward, held
+
+
+def search_target(cfg) -> tuple[float, str]:
+    """(target reduction, decoder measure) of the config: true FLOPs, the reference formula or
+    parameters (`decode.MEASURES`)."""
+    sc = cfg.search
+    if sc.get("constraint", "flops") == "params":
+        return float(sc.target_params), "params"
+    return float(sc.target_flops), ("flops" if sc.flops_kind == "true" else "reference")
 
 
 def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
-    """Traces the model and builds the observation graph and environment (host, once)."""
+    """Traces the model, builds the observation graph, the budget-exact decoder and the
+    environment (host, once). Bad targets and sizes fail here, before any evaluation."""
     sc = cfg.search
     lib = pat.get_library(sc.library)
     x = jnp.zeros((1, *s.input_shape), jnp.uint8)
@@ -263,15 +297,22 @@ def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
     if not valid[:, [i for i in range(lib.n_patterns) if i != lib.keep_id]].any():
         raise ValueError(f"model {cfg.model!r} has nothing the {lib.name!r} library can prune")
     spec = graph_lib.build_graph_spec(lg, n_patterns=lib.n_patterns, valid=valid, level=sc.level)
-    n_val = s.splits.val.n
-    n_reward = n_val if sc.reward_set_size < 0 else sc.reward_set_size
-    if n_reward > n_val:
+    order = np.asarray(graph_lib.importance_order(spec, variables))
+    target, kind = search_target(cfg)
+    decoder = decode_lib.make_decoder(
+        spec, order, lib, target=target, tolerance=sc.get("tolerance", 0.005), kind=kind,
+        params_shapes=_abstract(variables["params"]),
+    )  # fmt: skip
+    _, first = jax.jit(decoder.decode)(jnp.asarray(decode_lib.uniform_logits(decoder)))
+    if not bool(first["on_budget"]):
         raise ValueError(
-            f"search.reward_set_size={sc.reward_set_size} is larger than the validation split "
-            f"({n_val}); lower it or raise --config.val_size"
+            f"{cfg.model} is too coarse for search.tolerance={decoder.tolerance}: the closest "
+            f"reduction the uniform allocation reaches is {float(first['reduction']):.4f} for the "
+            f"target {target}; raise --config.search.tolerance"
         )
-    r_imgs, r_labs = s.splits.val.arrays
-    r_imgs, r_labs = r_imgs[:n_reward], r_labs[:n_reward]
+    v_imgs, v_labs = s.splits.val.arrays
+    r_idx, h_idx = split_validation(cfg, v_labs)
+    r_imgs, r_labs = v_imgs[r_idx], v_labs[r_idx]
     calib = None
     if sc.bn_recalib_batches > 0:
         n = sc.bn_recalib_batches * sc.bn_recalib_batch_size
@@ -281,14 +322,47 @@ def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
         idx = np.random.default_rng(cfg.seed).permutation(len(tr_imgs))[:n]
         calib = tr_imgs[idx].reshape(sc.bn_recalib_batches, sc.bn_recalib_batch_size,
                                      *tr_imgs.shape[1:])  # fmt: skip
-    env = env_lib.make_env(
-        s.apply_fn, variables, spec, r_imgs, r_labs, library=lib, calib_images=calib,
-        config=env_lib.EnvConfig(
-            target=sc.target_flops, band=sc.band, flops_kind=sc.flops_kind, reward=sc.reward,
-            max_episode_steps=sc.max_episode_steps, eval_mode=sc.eval_mode,
-        ),
+    env_cfg = env_lib.EnvConfig(
+        target=sc.target_flops, band=sc.band, flops_kind=sc.flops_kind, reward=sc.reward,
+        max_episode_steps=sc.max_episode_steps, eval_mode=sc.eval_mode,
+        halving_images=sc.get("halving_images", 0), halving_keep=sc.get("halving_keep", 0.25),
     )  # fmt: skip
-    return SearchSetup(lg, spec, env, lib, (r_imgs, r_labs), calib)
+    make = lambda imgs, labs, feats=None: env_lib.make_env(
+        s.apply_fn, variables, spec, imgs, labs, library=lib, calib_images=calib, config=env_cfg,
+        node_features=feats,
+    )  # fmt: skip
+    env = make(r_imgs, r_labs)
+    n_sens = 0
+    if sc.get("sensitivity", False):
+        feats = sensitivity_features(env, decoder)
+        env, n_sens = make(r_imgs, r_labs, feats), lg.n_layers
+    held = (v_imgs[h_idx], v_labs[h_idx]) if len(h_idx) else ()
+    return SearchSetup(lg, spec, env, lib, (r_imgs, r_labs), calib, decoder, order, held, n_sens,
+                       s.apply_fn)  # fmt: skip
+
+
+def sensitivity_features(env, decoder) -> np.ndarray:
+    """Per-layer sensitivity as a node feature f32 [n_nodes, 1] (host, L + 1 evaluations).
+
+    Layer l's value is the reward-set accuracy lost when ONLY layer l is pruned, with the pattern
+    mixture the uniform allocation gives it at the target (the zero proposal's decode), relative
+    to the dense model: ``(acc_dense - acc_l) / max(acc_dense, 1e-3)``, on every action node of l.
+    """
+    spec = env.spec
+    ids, _ = jax.jit(decoder.decode)(jnp.asarray(decode_lib.uniform_logits(decoder)))
+    ids = np.asarray(ids)
+    keep = graph_lib.initial_pattern_ids(spec)
+    cands = [keep]
+    for nodes in spec.layer_nodes:
+        c = keep.copy()
+        c[nodes] = ids[nodes]
+        cands.append(c)
+    acc = np.asarray(jax.jit(env.evaluate)(env.consts, jnp.asarray(np.stack(cands)))["accuracy"])
+    drop = (acc[0] - acc[1:]) / max(float(acc[0]), 1e-3)
+    feat = np.zeros((spec.n_nodes, 1), np.float32)
+    for nodes, d in zip(spec.layer_nodes, drop, strict=True):
+        feat[nodes, 0] = d
+    return feat
 
 
 def candidate_masks(ss: SearchSetup, cand: dict):
@@ -309,6 +383,7 @@ def _candidate_record(ss: SearchSetup, variables, cand: dict) -> dict:
         hist = None
     return {
         "search_val_accuracy": cand["accuracy"],
+        "heldout_accuracy": cand.get("heldout_accuracy"),
         "flops_reduction": exact["flops_reduction"],
         "reference_formula_reduction": cand["reference_reduction"],
         "params_reduction": exact["params_reduction"],
@@ -321,6 +396,97 @@ def _candidate_record(ss: SearchSetup, variables, cand: dict) -> dict:
     }
 
 
+def bandit_config(cfg) -> dict:
+    """The `bandit.BanditConfig` fields of a config's bandit section."""
+    b = cfg.bandit
+    return dict(lr=b.lr, n_epochs=b.epochs, n_minibatches=b.minibatches, clip_eps=b.clip,
+                target_kl=b.target_kl, target_kl_std=b.target_kl_std, ent_coef=b.entropy_coef,
+                baseline=b.baseline, max_grad_norm=b.max_grad_norm, fit_lr=b.fit_lr,
+                fit_steps=b.fit_steps)  # fmt: skip
+
+
+def ppo_config(cfg) -> dict:
+    """The `agent.PPOConfig` fields of a config's ppo section (legacy heads)."""
+    c = cfg.ppo
+    return dict(gamma=c.gamma, gae_lambda=c.gae_lambda, clip_eps=c.clip, vf_coef=c.value_coef,
+                ent_coef=c.entropy_coef, lr=c.lr, max_grad_norm=c.max_grad_norm,
+                n_epochs=c.epochs, n_minibatches=c.minibatches, advantage=c.advantage)  # fmt: skip
+
+
+def proposal_config(cfg) -> dict:
+    """`propose.ProposalConfig` fields beyond the sizes (exploration, CEM, annealing)."""
+    b = cfg.bandit
+    return dict(init_std=cfg.search.init_std, init_std_layer=cfg.search.init_std_layer,
+                min_std=b.min_std, cem_elite=b.cem_elite,
+                cem_alpha=b.cem_alpha, t0=cfg.autocompress.t0, t_stop=cfg.autocompress.t_stop)
+
+
+def mixture_policy(cfg, ss: SearchSetup):
+    """The low-dimensional GNN policy of `ss` with the config's sizes (`bandit`)."""
+    c = cfg.ppo
+    return bandit.make_mixture_policy(
+        ss.spec, ss.decoder.action_mask, init_std=cfg.search.init_std,
+        init_std_layer=cfg.search.init_std_layer, min_std=cfg.bandit.min_std,
+        hidden=c.hidden, n_layers=c.gnn_layers, n_heads=c.heads,
+    )  # fmt: skip
+
+
+def _policy_meta(cfg, ss: SearchSetup) -> dict:
+    obs = ss.env.observe(ss.env.consts, ss.env.reset())
+    return {"head": "mixture", "library": ss.library.name, "n_patterns": ss.library.n_patterns,
+            "n_features": int(obs.nodes["feat"].shape[1]), "hidden": cfg.ppo.hidden,
+            "gnn_layers": cfg.ppo.gnn_layers, "heads": cfg.ppo.heads,
+            "sensitivity": bool(cfg.search.get("sensitivity", False))}  # fmt: skip
+
+
+def load_policy(path: str, cfg, ss: SearchSetup, policy):
+    """`policy` starting from the params saved under PATH (a workdir, its search/ or policy/).
+
+    Raises ValueError before any search when the saved policy cannot drive this one: another head,
+    pattern library, node features or network sizes."""
+    path = os.path.abspath(path)
+    for cand in (os.path.join(path, "search", "policy"), os.path.join(path, "policy"), path):
+        if os.path.isfile(os.path.join(cand, "policy.json")):
+            break
+    else:
+        raise FileNotFoundError(
+            f"no trained policy under {path!r}; give the workdir of a finished `prune` run with "
+            "--config.search.method=ppo (it writes search/policy/)"
+        )
+    meta, want = ckpt.load_json(os.path.join(cand, "policy.json")), _policy_meta(cfg, ss)
+    bad = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if bad:
+        diff = ", ".join(f"{k}: saved {a!r} vs here {b!r}" for k, (a, b) in bad.items())
+        raise ValueError(
+            f"the policy in {cand} cannot start this search ({diff}); use the same head, pattern "
+            "library, features and --config.ppo sizes as the run that trained it"
+        )
+    like = _abstract(policy.init(jax.random.PRNGKey(0)))
+    params = ckpt.load_pytree(os.path.join(cand, "params"), like=like)
+    return policy._replace(init=lambda key, obs=None: params), cand
+
+
+def save_policy(path: str, cfg, ss: SearchSetup, params) -> None:
+    """Writes a trained mixture policy (params + policy.json) for `--policy-from`."""
+    ckpt.save_pytree(os.path.join(path, "params"), params)
+    ckpt.save_json(os.path.join(path, "policy.json"), _policy_meta(cfg, ss))
+
+
+def rescore(ss: SearchSetup, best: list[dict]) -> list[dict]:
+    """The winner's curse: re-scores the kept candidates on the held-out validation part and
+    orders them by it (each keeps its search score as ``accuracy``). No-op without a held-out
+    part."""
+    if not best or not ss.heldout:
+        return best
+    held = env_lib.make_env(ss.apply_fn, ss.env.consts["variables"], ss.spec, *ss.heldout,
+                            library=ss.library, calib_images=ss.calib,
+                            config=ss.env.config)  # fmt: skip
+    ids = jnp.asarray(np.stack([c["pattern_ids"] for c in best]))
+    acc = np.asarray(jax.jit(held.evaluate)(held.consts, ids)["accuracy"])
+    out = [dict(c, heldout_accuracy=float(a)) for c, a in zip(best, acc, strict=True)]
+    return sorted(out, key=lambda c: -c["heldout_accuracy"])
+
+
 def prune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=None) -> dict:
     """Runs (or resumes) the configured search and writes best.json + candidate pattern ids."""
     s = s or setup(cfg)
@@ -329,44 +495,58 @@ def prune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=Non
     sc = cfg.search
     ss = make_search_setup(cfg, s, variables)
     wd = os.path.abspath(os.path.join(cfg.workdir, "search"))
-    policy = None
-    if sc.method == "ppo":
-        policy = runner.policy_for(ss.env, sc.head, variables, cfg.ppo)
-    elif sc.method == "autocompress":
+    if sc.method == "autocompress":
         return _prune_autocompress(cfg, s, variables, ss, wd, overwrite)
-    ppo_cfg = dict(
-        gamma=cfg.ppo.gamma, gae_lambda=cfg.ppo.gae_lambda, clip_eps=cfg.ppo.clip,
-        vf_coef=cfg.ppo.value_coef, ent_coef=cfg.ppo.entropy_coef, lr=cfg.ppo.lr,
-        max_grad_norm=cfg.ppo.max_grad_norm, n_epochs=cfg.ppo.epochs,
-        n_minibatches=cfg.ppo.minibatches, advantage=cfg.ppo.advantage,
-    )  # fmt: skip
-    order = np.asarray(graph_lib.importance_order(ss.spec, variables))
+    legacy = sc.method == "ppo" and sc.head != "mixture"
+    policy, agent_cfg, policy_src = None, bandit_config(cfg), None
+    if legacy:
+        policy, agent_cfg = runner.policy_for(ss.env, sc.head, variables, cfg.ppo), ppo_config(cfg)
+    elif sc.method == "ppo":
+        policy = mixture_policy(cfg, ss)
+        if sc.get("policy_from"):
+            policy, policy_src = load_policy(sc.policy_from, cfg, ss, policy)
     result = runner.run_search(
         ss.env, sc.method, workdir=wd, iterations=sc.iterations, seed=cfg.seed,
         n_seeds=sc.n_seeds, n_envs=sc.n_envs, n_steps=sc.n_steps, top_k=sc.top_k, policy=policy,
-        ppo_config=ppo_cfg, order=order, library=ss.library, progress=cfg.progress,
-        fingerprint=dict(_run_fingerprint(cfg), search=sc.to_dict(), ppo=cfg.ppo.to_dict()),
+        ppo_config=agent_cfg, order=ss.order, library=ss.library, progress=cfg.progress,
+        decoder=None if legacy else ss.decoder, proposal=proposal_config(cfg),
+        fingerprint=dict(_run_fingerprint(cfg), search=sc.to_dict(), ppo=cfg.ppo.to_dict(),
+                         bandit=cfg.bandit.to_dict()),
         overwrite=overwrite,
     )  # fmt: skip
-    records = [dict(_candidate_record(ss, variables, c), rank=i) for i, c in enumerate(result.best)]
+    if sc.method == "ppo" and not legacy:
+        params = result.state.agent.params
+        if sc.n_seeds > 1:
+            params = jax.tree.map(lambda x: x[0], params)
+        save_policy(os.path.join(wd, "policy"), cfg, ss, jax.device_get(params))
+    best = rescore(ss, result.best)
+    records = [dict(_candidate_record(ss, variables, c), rank=i) for i, c in enumerate(best)]
+    target, kind = search_target(cfg)
     summary = {
         "method": sc.method,
+        "head": sc.head if sc.method == "ppo" else None,
+        "target_reduction": target,
+        "target_measure": kind,
         "target_flops_reduction": sc.target_flops,
-        "band": sc.band,
+        "tolerance": None if legacy else ss.decoder.tolerance,
+        "band": sc.band if legacy else None,
         "flops_kind": sc.flops_kind,
-        "n_evals": result.n_evals,
+        "n_evals": result.n_evals + ss.sensitivity_evals,
+        "sensitivity_evals": ss.sensitivity_evals,
         "n_in_band": result.n_in_band,
+        "in_band_rate": result.n_in_band / max(result.n_evals, 1),
+        "policy_from": policy_src,
         "seconds_this_run": result.seconds,
         "candidates": records,
     }
     ckpt.save_json(os.path.join(wd, "best.json"), summary)
-    if result.best:
+    if best:
         ckpt.save_pytree(os.path.join(wd, "best_pattern_ids"),
                          {f"cand{i}": np.asarray(c["pattern_ids"])
-                          for i, c in enumerate(result.best)})  # fmt: skip
-    if not result.best:
-        log.warning("no in-band candidate found: raise search.iterations or widen search.band")
-    return {"summary": summary, "best": result.best, "search_setup": ss, "history": result.history}
+                          for i, c in enumerate(best)})  # fmt: skip
+    else:
+        log.warning("no candidate on budget: raise search.iterations (or widen search.tolerance)")
+    return {"summary": summary, "best": best, "search_setup": ss, "history": result.history}
 
 
 def _prune_autocompress(cfg, s: Setup, variables, ss: SearchSetup, wd: str, overwrite: bool):

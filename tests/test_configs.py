@@ -30,7 +30,7 @@ EXPECTED_FILES = {
     "vit_b16_imagenet.py": ("vit_b16", "imagenet2012"),
 }
 TARGETS = {"t30": 0.3, "t50": 0.5, "t70": 0.7}
-DIGITS_VAL, DIGITS_TRAIN = 200, 1300
+DIGITS_VAL, DIGITS_TRAIN = 400, 1100
 
 
 def _files():
@@ -104,12 +104,13 @@ def test_config_loads_locks_and_is_sane(name, variant):
     # Budgets.
     assert cfg.pretrain.epochs >= 1 and cfg.finetune.epochs >= 1
     assert cfg.search.iterations >= 1 and cfg.search.top_k >= 1
-    assert cfg.search.reward_set_size >= 1
+    val = DIGITS_VAL if cfg.dataset == "digits" else cfg.val_size
+    if val > 0:  # the reward set and the held-out part fit in the validation split
+        held = val // 2 if cfg.search.heldout_size < 0 else cfg.search.heldout_size
+        reward = val - held if cfg.search.reward_set_size < 0 else cfg.search.reward_set_size
+        assert reward >= 1 and reward + held <= val
     if cfg.dataset == "digits":
-        assert cfg.search.reward_set_size <= DIGITS_VAL
         assert cfg.search.bn_recalib_batches * cfg.search.bn_recalib_batch_size <= DIGITS_TRAIN
-    elif cfg.val_size > 0:
-        assert cfg.search.reward_set_size <= cfg.val_size
     if smoke:
         assert cfg.pretrain.epochs <= 2 and cfg.finetune.epochs <= 2
         assert cfg.search.iterations * cfg.search.n_envs * cfg.search.n_steps <= 64
@@ -134,8 +135,7 @@ def test_digits_resnet20_is_the_default_main_job():
     cfg = _flat(config_lib.load_config(str(CONFIG_DIR / "digits_resnet20.py")))
     default = _flat(config_lib.get_default_config())
     diff = {k for k in cfg if cfg[k] != default[k]}
-    assert diff <= {"workdir", "search.reward_set_size"}
-    assert cfg["search.reward_set_size"] <= DIGITS_VAL
+    assert diff <= {"workdir"}
 
 
 def test_bad_variants_are_rejected_with_the_valid_list():

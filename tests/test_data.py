@@ -44,7 +44,7 @@ def digits():
 
 
 def test_digits_sizes_dtypes(digits):
-    assert (digits.train.n, digits.val.n, digits.test.n) == (1300, 200, 297)
+    assert (digits.train.n, digits.val.n, digits.test.n) == (1100, 400, 297)
     assert digits.num_classes == 10 and digits.image_shape == (8, 8, 1)
     for s in (digits.train, digits.val, digits.test):
         assert s.images.dtype == np.uint8 and s.images.shape[1:] == (8, 8, 1)
@@ -91,7 +91,7 @@ def test_digits_stratified(digits):
 def test_digits_val_size_options():
     assert data.load_dataset("digits", val_size=0.1).val.n == 150  # 10% of the 1,500 left
     assert data.load_dataset("digits", val_size=50).val.n == 50
-    assert data.load_dataset("digits", val_size=-1).val.n == 200  # config's "-1: default"
+    assert data.load_dataset("digits", val_size=-1).val.n == 400  # config's "-1: default"
     with pytest.raises(ValueError, match="val_size"):
         data.load_dataset("digits", val_size=1500)
     with pytest.raises(ValueError, match="fraction"):

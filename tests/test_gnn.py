@@ -105,6 +105,14 @@ def test_heads_shapes_masks_and_padding_invariance(setup, head):
         assert np.all((out_small["mean"] > 0) & (out_small["mean"] < 1))
         np.testing.assert_allclose(out_small["mean"], out_big["mean"], rtol=1e-5, atol=1e-6)
         return
+    if head == "mixture":  # network-wide row + one row per segment (group); zero at Flax init
+        assert out_small["mean"].shape == (small.n_groups + 1, P)
+        assert out_small["log_std"].shape == (2, P)
+        np.testing.assert_allclose(out_small["mean"], out_big["mean"], rtol=1e-5, atol=1e-5)
+        assert np.abs(np.asarray(out_small["mean"])).max() > 0  # fast_init: random output layers
+        real = model.init(jax.random.PRNGKey(0), obs_small, *statics(small))
+        assert np.all(np.asarray(model.apply(real, obs_small, *statics(small))["mean"]) == 0.0)
+        return
     n = small.n_real_nodes
     assert out_small["logits"].shape == (small.n_nodes, P)
     np.testing.assert_allclose(out_small["logits"][:n], out_big["logits"][:n], rtol=1e-5, atol=1e-5)

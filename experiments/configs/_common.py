@@ -54,24 +54,26 @@ def cifar_budget(c: ml_collections.ConfigDict, *, epochs: int = 200) -> None:
     """Full CIFAR budgets (not the CPU defaults).
 
     Pretrain: SGD lr 0.1 (the standard He et al. 2016 recipe, not the reference's 0.01), momentum
-    0.9, weight decay 5e-4, cosine, batch 128, `epochs` epochs, crop + flip. Search: 100 PPO
-    iterations x 8 environments x 16 steps = 12,800 candidate evaluations, each on a 5,000-image
-    validation reward set after 4 x 128 images of BatchNorm recalibration; the top 3 in-band
-    candidates are fine-tuned. Fine-tune: `epochs` epochs, SGD lr 0.01 divided by 10 at 50/75/90%
+    0.9, weight decay 5e-4, cosine, batch 128, `epochs` epochs, crop + flip. Validation: 6,000
+    training images. Search: 64 iterations x 16 candidates = 1,024 candidate evaluations, each on
+    a 5,000-image validation reward set after 4 x 128 images of BatchNorm recalibration; the top 3
+    are re-scored on the other 1,000 validation images and fine-tuned. Fine-tune: `epochs` epochs,
+    SGD lr 0.01 divided by 10 at 50/75/90%
     of the steps, weight decay 4e-5 (the reference's), batch 128, masks held (exact zeros).
     """
-    c.val_size = 5000
+    c.val_size = 6000
     c.pretrain.epochs = epochs
     c.pretrain.batch_size = 128
     c.pretrain.lr = 0.1
     c.pretrain.weight_decay = 5e-4
     c.pretrain.schedule = "cosine"
     c.search.reward_set_size = 5000
+    c.search.heldout_size = 1000
     c.search.bn_recalib_batches = 4
     c.search.bn_recalib_batch_size = 128
-    c.search.n_envs = 8
-    c.search.n_steps = 16
-    c.search.iterations = 100
+    c.search.n_envs = 16
+    c.search.n_steps = 1
+    c.search.iterations = 64
     c.search.top_k = 3
     c.finetune.epochs = epochs
     c.finetune.batch_size = 128
@@ -84,43 +86,48 @@ def cifar_cpu_budget(c: ml_collections.ConfigDict) -> None:
     """A real CIFAR budget for a 2-core CPU (the `cpu` variant): about 1.5 hours.
 
     The full 45,000 / 5,000 / 10,000 train / validation / test split, but few epochs: pretrain 8
-    epochs (SGD lr 0.1, cosine, batch 128); search 4 PPO iterations x 4 environments x 8 steps =
-    128 candidate evaluations on a 2,000-image validation reward set after 2 x 128 images of
-    BatchNorm recalibration; fine-tune the single best in-band candidate 3 epochs (lr 0.01,
+    epochs (SGD lr 0.1, cosine, batch 128); search 8 iterations x 16 candidates = 128 candidate
+    evaluations on a 2,000-image validation reward set after 2 x 128 images of BatchNorm
+    recalibration, the best re-scored on 2,000 held-out validation images; fine-tune the single
+    best candidate 3 epochs (lr 0.01,
     multistep). Measured on the 2-core Xeon: 6-7 minutes per training epoch while other work
     shared the machine (ENVIRONMENT.md: XLA:CPU's conv kernel gradient), so this is the budget a
     CPU session affords, not the paper's. Start it first and work beside it (it resumes per epoch).
     """
     cifar_budget(c, epochs=8)
+    c.val_size = 5000
     c.search.reward_set_size = 2000
+    c.search.heldout_size = 2000
     c.search.bn_recalib_batches = 2
-    c.search.n_envs = 4
-    c.search.n_steps = 8
-    c.search.iterations = 4
-    c.search.top_k = 1
+    c.search.n_envs = 16
+    c.search.n_steps = 1
+    c.search.iterations = 8
+    c.search.top_k = 3
     c.finetune.epochs = 3
 
 
 def imagenet_budget(c: ml_collections.ConfigDict) -> None:
     """ImageNet budgets: 90-epoch dense pretraining (skip it with ``--checkpoint WORKDIR`` of a
-    finished pretrain run), 40 PPO iterations x 8 x 16 = 5,120 candidate evaluations on a 10,000-
-    image validation reward set (carved from train; the ILSVRC validation set is the test split),
-    and a 30-epoch fine-tune of the single best in-band candidate (batch 256, lr 0.01, multistep).
+    finished pretrain run), 32 iterations x 16 = 512 candidate evaluations on a 10,000-image
+    validation reward set (carved from train, with 2,000 more held out to re-score the top 3; the
+    ILSVRC validation set is the test split), and a 30-epoch fine-tune of the single best
+    candidate (batch 256, lr 0.01, multistep).
     """
     c.dataset = "imagenet2012"
-    c.val_size = 10000
+    c.val_size = 12000
     c.pretrain.epochs = 90
     c.pretrain.batch_size = 256
     c.pretrain.lr = 0.1
     c.pretrain.weight_decay = 1e-4
     c.pretrain.schedule = "cosine"
     c.search.reward_set_size = 10000
+    c.search.heldout_size = 2000
     c.search.bn_recalib_batches = 4
     c.search.bn_recalib_batch_size = 128
-    c.search.n_envs = 8
-    c.search.n_steps = 16
-    c.search.iterations = 40
-    c.search.top_k = 1
+    c.search.n_envs = 16
+    c.search.n_steps = 1
+    c.search.iterations = 32
+    c.search.top_k = 3
     c.finetune.epochs = 30
     c.finetune.batch_size = 256
     c.finetune.lr = 0.01
@@ -130,11 +137,11 @@ def imagenet_budget(c: ml_collections.ConfigDict) -> None:
 
 def smoke(c: ml_collections.ConfigDict, model: str | None = None) -> None:
     """Shrinks a config to a CPU check of every stage: the embedded digits data (real 8x8
-    handwritten digits, offline), 1 pretrain epoch, 2 search iterations x 4 environments x 4 steps
-    (32 candidates) on a 64-image reward set, a small GNN, 1 fine-tune epoch of the best candidate.
-    The band is widened to +-0.4: an untrained policy proposes reductions near 0.55 whatever the
-    target, and 32 candidates cannot learn to move them, so without it the t30 / t70 smoke runs
-    would keep no candidate. A smoke run checks the stages, not the search. `model` replaces the row's model when the
+    handwritten digits, offline), 1 pretrain epoch, 2 search iterations x 16 candidates (32) on a
+    64-image reward set (64 more held out), a small GNN, 1 fine-tune epoch of the best candidate.
+    The decoder's tolerance is widened to +-0.05 (the tiny ImageNet variants have so few filters
+    that one filter moves the count by more than the default 0.005), and the legacy heads' band to
+    +-0.4. A smoke run checks the stages, not the search. `model` replaces the row's model when the
     real one cannot run on CPU (ImageNet models: the family's tiny variant)."""
     if model:
         c.model = model
@@ -147,6 +154,8 @@ def smoke(c: ml_collections.ConfigDict, model: str | None = None) -> None:
     c.pretrain.batch_size = 64
     c.pretrain.lr = 0.05
     c.search.reward_set_size = 64
+    c.search.heldout_size = 64
+    c.search.tolerance = 0.05
     c.search.bn_recalib_batches = 1
     c.search.bn_recalib_batch_size = 64
     c.search.n_envs = 4

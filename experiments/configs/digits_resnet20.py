@@ -44,7 +44,6 @@ def get_config(variant=None):
     tokens = _common.parse_variant(variant, VARIANTS)
     c = _common.base("digits_resnet20", tokens)
     c.search.target_flops = _common.target_of(tokens)
-    c.search.reward_set_size = 200  # the whole digits validation split
     if "smoke" in tokens:
         _common.smoke(c)
     return c

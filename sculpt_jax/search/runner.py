@@ -33,11 +33,11 @@ from sculpt_jax import agent as agent_lib
 from sculpt_jax import checkpoint as ckpt
 from sculpt_jax import graph as graph_lib
 from sculpt_jax.env import Env
-from sculpt_jax.search import baselines, ppo
+from sculpt_jax.search import ppo, propose
 
 log = logging.getLogger(__name__)
 
-METHODS = ("ppo",) + baselines.METHODS
+METHODS = propose.METHODS
 
 
 @dataclasses.dataclass
@@ -48,7 +48,8 @@ class SearchResult:
       (reward-set validation accuracy), reduction, flops_reduction, reference_reduction,
       params_reduction, seed. history: per-iteration metrics dicts (seed-averaged, plus per-seed
       best accuracy). n_evals / n_in_band: totals over seeds. seconds: wall time of this process's
-      iterations; iterations_run: how many of them ran here (0 when all were restored).
+      iterations; iterations_run: how many of them ran here (0 when all were restored). best_at:
+      {iteration: best list} for the `best_at` iterations run in this process.
     """
 
     best: list[dict]
@@ -58,6 +59,7 @@ class SearchResult:
     seconds: float
     iterations_run: int
     state: Any = None
+    best_at: dict = dataclasses.field(default_factory=dict)
 
 
 def _fingerprint(d: dict) -> str:
@@ -77,30 +79,40 @@ def make_search_fns(
     method: str,
     *,
     order,
-    policy: agent_lib.Policy | None = None,
+    policy: Any = None,
     ppo_config: Any = None,
-    n_envs: int = 4,
-    n_steps: int = 8,
+    n_envs: int = 16,
+    n_steps: int = 1,
     top_k: int = 3,
-    budget: int = 320,
+    budget: int = 128,
     library="reference6",
+    decoder: Any = None,
+    proposal: dict | None = None,
 ):
-    """(init, iterate) of `method` (see `ppo.make_ppo_search`, `baselines.make_baseline_search`)."""
-    if method == "ppo":
-        if policy is None:
-            raise ValueError("method 'ppo' needs a policy (agent.make_policy)")
+    """(init, iterate) of `method`: the budget-exact proposal search (`propose`, needs `decoder`)
+    or, for "ppo" with a legacy `agent.Policy` (heads paper / per_group / per_filter), the
+    reference's band-rule PPO (`ppo.make_ppo_search`)."""
+    if method == "ppo" and isinstance(policy, agent_lib.Policy):
         return ppo.make_ppo_search(
             env, policy, ppo_config, n_envs=n_envs, n_steps=n_steps, top_k=top_k
         )
-    if method in baselines.METHODS:
-        return baselines.make_baseline_search(
-            env, method, order, library=library, n_envs=n_envs, n_steps=n_steps, top_k=top_k,
-            budget=budget,
-        )  # fmt: skip
-    raise ValueError(f"unknown search method {method!r}; choose one of {METHODS}")
+    if method not in propose.METHODS:
+        raise ValueError(f"unknown search method {method!r}; choose one of {METHODS}")
+    if decoder is None:
+        raise ValueError(f"method {method!r} needs a decoder (decode.make_decoder)")
+    if method == "ppo" and policy is None:
+        raise ValueError("method 'ppo' needs a policy (bandit.make_mixture_policy)")
+    cfg = propose.ProposalConfig(n_envs=n_envs, n_steps=n_steps, top_k=top_k, budget=budget,
+                                 **(proposal or {}))  # fmt: skip
+    scores = None
+    if method == "magnitude":
+        scores = propose.make_magnitude_scores(env.spec, env.consts["variables"])
+    m = propose.make_method(method, decoder, cfg, policy=policy, bandit_config=ppo_config,
+                            magnitude_scores=scores)  # fmt: skip
+    return propose.make_proposal_search(env, decoder, m, cfg)
 
 
-_COMPILED: list = []  # [(key tuple, env, policy, fns)]: a few recent compiled searches
+_COMPILED: list = []  # [(key tuple, env, policy, decoder, fns)]: a few recent compiled searches
 
 
 def compiled_search(env: Env, method: str, *, n_seeds: int = 1, **kwargs):
@@ -111,19 +123,21 @@ def compiled_search(env: Env, method: str, *, n_seeds: int = 1, **kwargs):
     """
     policy = kwargs.get("policy")
     order = kwargs.get("order")
+    decoder = kwargs.get("decoder")
     key = (
         method,
         n_seeds,
+        id(decoder),
         json.dumps(
-            {k: v for k, v in kwargs.items() if k not in ("policy", "order", "library")},
+            {k: v for k, v in kwargs.items() if k not in ("policy", "order", "library", "decoder")},
             sort_keys=True,
             default=str,
         ),
         None if order is None else np.asarray(order).tobytes(),
         str(kwargs.get("library")),
     )
-    for k, e, p, fns in _COMPILED:
-        if k == key and e is env and p is policy:
+    for k, e, p, d, fns in _COMPILED:
+        if k == key and e is env and p is policy and d is decoder:
             return fns
     init, iterate = make_search_fns(env, method, **kwargs)
     if n_seeds > 1:
@@ -133,7 +147,7 @@ def compiled_search(env: Env, method: str, *, n_seeds: int = 1, **kwargs):
         )
     else:
         fns = (jax.jit(lambda k: init(k[0])), jax.jit(iterate, donate_argnums=(1,)))
-    _COMPILED.append((key, env, policy, fns))
+    _COMPILED.append((key, env, policy, decoder, fns))
     del _COMPILED[:-4]
     return fns
 
@@ -146,17 +160,20 @@ def run_search(
     iterations: int,
     seed: int = 0,
     n_seeds: int = 1,
-    n_envs: int = 4,
-    n_steps: int = 8,
+    n_envs: int = 16,
+    n_steps: int = 1,
     top_k: int = 3,
-    policy: agent_lib.Policy | None = None,
+    policy: Any = None,
     ppo_config: Any = None,
     order=None,
     library="reference6",
+    decoder: Any = None,
+    proposal: dict | None = None,
     progress: bool = True,
     fingerprint: dict | None = None,
     overwrite: bool = False,
     stop_after: int | None = None,
+    best_at: tuple[int, ...] = (),
 ) -> SearchResult:
     """Runs (or resumes) a search in `workdir` and returns its best in-band candidates.
 
@@ -166,10 +183,15 @@ def run_search(
       workdir: folder for checkpoints, metrics.jsonl and candidates.jsonl.
       iterations: total iterations (each T=n_steps x N=n_envs candidate evaluations per seed).
       seed / n_seeds: seeds seed..seed+n_seeds-1 run together (vmapped) when n_seeds > 1.
-      policy / ppo_config: for "ppo". order: `graph.importance_order` (baselines).
+      policy / ppo_config: for "ppo" (a `bandit.MixturePolicy` with a bandit config, or a legacy
+        `agent.Policy` with a PPO config). order: `graph.importance_order`.
+      decoder / proposal: the budget-exact `decode.Decoder` and `propose.ProposalConfig` fields
+        (init_std, cem_elite, ...) of the proposal methods.
       fingerprint: JSON-able description of the run; resuming a workdir written with another one
         raises ValueError (pass overwrite=True to start afresh).
       stop_after: stop after this many iterations in this process (for tests of resume).
+      best_at: iterations after which the kept candidates are also recorded
+        (`SearchResult.best_at[it]`, as `best`): smaller budgets read off one run.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
@@ -178,7 +200,7 @@ def run_search(
     init_fn, iter_fn = compiled_search(
         env, method, order=order, policy=policy, ppo_config=ppo_config, n_envs=n_envs,
         n_steps=n_steps, top_k=top_k, budget=iterations * n_steps * n_envs, library=library,
-        n_seeds=n_seeds,
+        n_seeds=n_seeds, decoder=decoder, proposal=proposal,
     )  # fmt: skip
     keys = jnp.stack([jax.random.PRNGKey(seed + i) for i in range(n_seeds)])
 
@@ -221,6 +243,7 @@ def run_search(
 
     t0 = time.perf_counter()
     ran = 0
+    snapshots: dict[int, list[dict]] = {}
     bar = tqdm(
         total=iterations, initial=start, disable=not progress, desc=f"search[{method}]",
         unit="it", dynamic_ncols=True,
@@ -254,6 +277,8 @@ def run_search(
                 "iteration": it, **{k: np.asarray(v).reshape(-1).tolist() for k, v in c.items()}
             })  # fmt: skip
             checkpointer.save(it + 1, state, {"fingerprint": fp, "iteration": it + 1})
+            if it + 1 in best_at:
+                snapshots[it + 1] = collect_best(state, n_seeds, seed)
             ran += 1
             bar.update(1)
             best = record.get("best_accuracy")
@@ -279,6 +304,7 @@ def run_search(
         seconds=time.perf_counter() - t0,
         iterations_run=ran,
         state=state,
+        best_at=snapshots,
     )
 
 

@@ -1,0 +1,269 @@
+"""Budget-exact decoding of search proposals into per-filter pattern ids (layer 2).
+
+Every search method (the GNN policy, random search, uniform allocation, annealing, CEM, global
+magnitude) proposes something low-dimensional; this module turns it into pattern ids whose
+reduction (true FLOPs, the reference formula, or parameters) equals the target within a tolerance,
+so that no evaluation is spent off budget and no reward has a band cliff.
+
+Mixture proposals (`Decoder.decode`): ``a [L + 1, P]``, a network-wide row ``a_0`` plus one row per
+layer, giving per-layer logits ``z_l = a_0 + a_l`` over the patterns (the keep-all logit is fixed
+at 0; entries of invalid patterns are ignored). The shared row is the "uniform allocation" family
+(every layer the same mixture); the layer rows are each layer's deviation from it. One scalar shift
+``lambda`` is added along the patterns' pruned fractions ``c_p``:
+
+    pi_l(lambda) = softmax_valid(z_l + lambda c),   Q_lk = sum of pi_l over the k most aggressive
+    patterns,   N_lk = floor(F_l Q_lk + u_l)  (cumulative filter counts, u_l a fixed dither),
+
+the k-th weakest filter of layer l (L2 norm of its original weights) gets the pattern whose
+cumulative count first exceeds k (importance-ordered placement, REFERENCE.md section 3). Every Q_lk
+is non-decreasing in lambda (d/dlambda P(upper set of c) = Cov(1_set, c) >= 0; tied patterns keep a
+constant ratio), so every filter's pattern only grows more aggressive with lambda and the reduction
+R(lambda) is a non-decreasing step function: a bisection on lambda brackets the target between two
+adjacent steps and the closer one is returned. The dither ``u_l`` (golden-ratio sequence over the
+layers) makes layers with equal widths and logits step at different lambdas, so one step moves one
+layer by one filter, far below the default 0.5 percentage-point tolerance on real models.
+
+Score proposals (`Decoder.decode_scores`): one score per action node; nodes below a threshold are
+removed (the library's remove pattern, where valid), the threshold found by the same bisection.
+Used by global magnitude pruning.
+
+Coupled (residual) layers: each layer decodes from its own proposal; the count of a residual
+stream channel follows `flops` (alive while any addend is alive), so the reduction the decoder
+targets is the exact one of the masked model, coupling included. The classifier head (keep-only in
+`graph.default_valid`) and layers with nothing valid to prune have no action dimensions.
+
+Everything returned by `make_decoder` is jittable and vmappable (one proposal per call; vmap over
+candidates); a second call with the same shapes does not retrace.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sculpt_jax import flops as flops_lib
+from sculpt_jax import graph as graph_lib
+from sculpt_jax import masking
+from sculpt_jax import patterns as pat
+
+MEASURES = ("flops", "reference", "params")
+_MEASURE_KEY = {"flops": "flops_reduction", "reference": "reference_reduction",
+                "params": "params_reduction"}  # fmt: skip
+LOGIT_CLIP = 20.0  # proposals are clipped to +-LOGIT_CLIP, which bounds the shift's bracket
+_GOLDEN = 0.6180339887498949
+
+
+class Decoder(NamedTuple):
+    """Budget-exact decoding of one model's proposals (closures; see the module docstring).
+
+    action_mask: bool [L + 1, P] (numpy), the proposal entries that matter (row 0, the shared
+      row: patterns some layer may use; row 1 + l: layer l's valid patterns but keep-all, none on a
+      keep-only layer); n_dims = its count.
+    decode(proposal f32 [L + 1, P]) -> (ids int32 [n_nodes], info): info has reduction (the target's
+      measure), flops_reduction, reference_reduction, params_reduction, shift (lambda) and
+      on_budget (|reduction - target| <= tolerance), all scalars.
+    decode_scores(scores f32 [n_nodes]) -> (ids, info): nodes with the lowest scores removed.
+    measure(ids int32 [n_nodes]) -> dict of the reductions above (exact).
+    fractions(proposal, shift) -> f32 [L, P] the per-layer pattern mixture at that shift.
+    decode_at(proposal, shift) -> ids int32 [n_nodes] at a given shift (no bisection).
+    target, tolerance, kind: the budget; max_reduction: the largest reachable reduction (host).
+    """
+
+    action_mask: np.ndarray
+    n_dims: int
+    decode: Callable
+    decode_scores: Callable
+    measure: Callable
+    fractions: Callable
+    decode_at: Callable
+    target: float
+    tolerance: float
+    kind: str
+    max_reduction: float
+
+
+def _measure_fn(spec: graph_lib.GraphSpec, lib: pat.PatternLibrary, params_shapes: Any):
+    """ids [n_nodes] -> exact reductions: `flops.count_ids` for per-filter libraries, the masks and
+    `flops.count` for region libraries."""
+    lg = spec.layer_graph
+
+    def measure(ids):
+        per_layer = graph_lib.layer_pattern_ids(spec, ids)
+        if lib.kind != "region":
+            c = flops_lib.count_ids(lg, per_layer, lib)
+            ref = c["reference_reduction"]
+        else:
+            masks = masking.pattern_ids_to_masks(lg, params_shapes, per_layer, lib)
+            c = flops_lib.count(lg, masks)
+            ref = flops_lib.reference_flops_reduction(lg, per_layer, lib)
+        return {"flops_reduction": c["flops_reduction"], "reference_reduction": ref,
+                "params_reduction": c["params_reduction"]}  # fmt: skip
+
+    return measure
+
+
+def _placement(spec: graph_lib.GraphSpec, order) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Host: for every entry a of the importance order, (node, layer, rank within its layer)."""
+    order = np.asarray(order, np.int64)
+    if order.shape != spec.action_nodes.shape:
+        raise ValueError(
+            f"order must have shape {spec.action_nodes.shape} (one entry per action node); build "
+            "it with graph.importance_order(spec, params)"
+        )
+    layer = np.asarray(spec.action_layer, np.int64)
+    node_layer = np.asarray(spec.node_layer)[order]
+    if not np.array_equal(node_layer, layer):
+        raise ValueError("order must list the action nodes layer by layer (graph.importance_order)")
+    start = np.searchsorted(layer, layer, side="left")
+    return order, layer, np.arange(len(order)) - start
+
+
+def make_decoder(
+    spec: graph_lib.GraphSpec,
+    order,
+    library: str | pat.PatternLibrary = "reference6",
+    *,
+    target: float,
+    tolerance: float = 0.005,
+    kind: str = "flops",
+    iterations: int = 48,
+    params_shapes: Any = None,
+) -> Decoder:
+    """Builds the decoder of one model (host-side, once; see the module docstring).
+
+    Args:
+      spec: the model's `GraphSpec` (its `valid` decides which patterns each layer may use).
+      order: int32 [A] `graph.importance_order(spec, original_params)` (weakest filter first).
+      library: the pattern library of `spec`.
+      target: reduction in (0, 1) of the measure `kind`.
+      tolerance: accepted |reduction - target| (> 0; 0.005 = half a percentage point).
+      kind: "flops" (exact true FLOPs), "reference" (the reference code's formula, labelled) or
+        "params" (exact parameter count).
+      iterations: bisection steps on the shift (48 resolve float32).
+      params_shapes: the params' shapes (only for region libraries, whose counts need masks).
+    Raises:
+      ValueError: a bad tolerance, target or kind, or a target above what pruning every prunable
+        filter as far as its valid patterns allow reaches (the message gives that maximum).
+    """
+    lib = pat.get_library(library)
+    if kind not in MEASURES:
+        raise ValueError(f"decoder measure must be one of {MEASURES}, got {kind!r}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0 (e.g. 0.005 = 0.5 percentage points), got {tolerance}")
+    if not 0.0 < target < 1.0:
+        raise ValueError(f"target reduction must be in (0, 1), got {target}")
+    if lib.kind == "region" and params_shapes is None:
+        raise ValueError("region libraries need params_shapes (their counts are built from masks)")
+    lg = spec.layer_graph
+    n_layers, n_p = lg.n_layers, lib.n_patterns
+    layer_valid = np.zeros((n_layers, n_p), bool)
+    for li, nodes in enumerate(spec.layer_nodes):
+        layer_valid[li] = np.asarray(spec.valid)[nodes[0]]
+    layer_mask = layer_valid.copy()
+    layer_mask[:, lib.keep_id] = False
+    action_mask = np.concatenate([layer_mask.any(axis=0, keepdims=True), layer_mask])
+    cost = np.asarray(lib.pruned_fraction, np.float64)
+    by_aggression = np.argsort(-cost, kind="stable")  # pattern ids, most aggressive first
+    layer_size = np.asarray([len(n) for n in spec.layer_nodes], np.float32)
+    dither = np.mod(0.5 + _GOLDEN * np.arange(n_layers), 1.0).astype(np.float32)
+    bracket = default_bracket(lib)
+    nodes_j, layer_j, rank_j = (jnp.asarray(a) for a in _placement(spec, order))
+    measure = _measure_fn(spec, lib, params_shapes)
+    key = _MEASURE_KEY[kind]
+    valid_j = jnp.asarray(layer_valid)
+    agg_j = jnp.asarray(by_aggression, jnp.int32)
+
+    def fractions(proposal, shift):
+        a = jnp.where(jnp.asarray(action_mask), jnp.asarray(proposal, jnp.float32), 0.0)
+        z = jnp.clip(a[1:] + a[:1], -LOGIT_CLIP, LOGIT_CLIP)
+        z = jnp.where(jnp.asarray(layer_mask), z, 0.0) + shift * jnp.asarray(cost, jnp.float32)
+        return jax.nn.softmax(jnp.where(valid_j, z, -jnp.inf), axis=-1)
+
+    def ids_at(logits, shift):
+        pi = fractions(logits, shift)[:, by_aggression]  # [L, P], most aggressive first
+        bounds = jnp.floor(jnp.cumsum(pi, axis=-1) * layer_size[:, None] + dither[:, None])
+        bounds = bounds.at[:, -1].set(layer_size)
+        k = jnp.sum(bounds[layer_j] <= rank_j[:, None].astype(jnp.float32), axis=-1)
+        ids = agg_j[jnp.minimum(k, n_p - 1)]
+        return jnp.full((spec.n_nodes,), -1, jnp.int32).at[nodes_j].set(ids)
+
+    def bisect(ids_of, lo, hi):
+        """Bracket the target between R(lo) <= target <= R(hi) and return the closer side."""
+
+        def reduction(x):
+            return measure(ids_of(x))[key]
+
+        def body(_, carry):
+            lo, hi, r_lo, r_hi = carry
+            mid = 0.5 * (lo + hi)
+            r = reduction(mid)
+            below = r <= target
+            return (jnp.where(below, mid, lo), jnp.where(below, hi, mid),
+                    jnp.where(below, r, r_lo), jnp.where(below, r_hi, r))  # fmt: skip
+
+        init = (jnp.float32(lo), jnp.float32(hi), reduction(lo), reduction(hi))
+        lo, hi, r_lo, r_hi = jax.lax.fori_loop(0, iterations, body, init)
+        x = jnp.where(target - r_lo <= r_hi - target, lo, hi)
+        ids = ids_of(x)
+        info = measure(ids)
+        red = info[key]
+        return ids, dict(info, reduction=red, shift=x,
+                         on_budget=jnp.abs(red - target) <= tolerance)  # fmt: skip
+
+    def decode(proposal):
+        proposal = jnp.asarray(proposal, jnp.float32)
+        if proposal.shape != (n_layers + 1, n_p):
+            raise ValueError(f"proposals must have shape [L + 1, P] = {(n_layers + 1, n_p)}, got "
+                             f"{proposal.shape}")  # fmt: skip
+        return bisect(lambda s: ids_at(proposal, s), -bracket, bracket)
+
+    removable = np.zeros(spec.n_nodes, bool)
+    if lib.has_remove:
+        removable = np.asarray(spec.valid)[:, lib.remove_id] & np.asarray(spec.action_mask)
+    keep_ids = jnp.asarray(np.where(spec.action_mask, lib.keep_id, -1), jnp.int32)
+
+    def decode_scores(scores):
+        scores = jnp.asarray(scores, jnp.float32)
+        if scores.shape != (spec.n_nodes,):
+            raise ValueError(f"scores must have shape [n_nodes] = {(spec.n_nodes,)}")
+        if not lib.has_remove:
+            raise ValueError(f"library {lib.name!r} has no remove pattern to decode scores into")
+        s = jnp.where(jnp.asarray(removable), scores, jnp.inf)
+        finite = jnp.where(jnp.isfinite(s), s, 0.0)
+        lo, hi = jnp.min(finite) - 1.0, jnp.max(finite) + 1.0
+
+        def ids_of(threshold):  # larger threshold -> more nodes removed
+            return jnp.where(s < threshold, lib.remove_id, keep_ids).astype(jnp.int32)
+
+        return bisect(ids_of, lo, hi)
+
+    full = np.full((spec.n_nodes,), -1, np.int32)  # every layer at its most aggressive pattern
+    for li, nodes in enumerate(spec.layer_nodes):
+        full[nodes] = by_aggression[np.flatnonzero(layer_valid[li][by_aggression])[0]]
+    max_red = float(jax.jit(measure)(jnp.asarray(full))[key])
+    if target > max_red:
+        raise ValueError(
+            f"target {kind} reduction {target} is not reachable: pruning every prunable filter as "
+            f"far as the {lib.name!r} patterns allow gives {max_red:.4f}; choose a target below it"
+        )
+    return Decoder(action_mask, int(action_mask.sum()), decode, decode_scores, measure, fractions,
+                   ids_at, float(target), float(tolerance), kind, max_red)  # fmt: skip
+
+
+def uniform_logits(decoder: Decoder) -> np.ndarray:
+    """The all-zero proposal f32 [L + 1, P]: every layer the same pattern mixture (the uniform
+    allocation at the target)."""
+    return np.zeros(decoder.action_mask.shape, np.float32)
+
+
+def default_bracket(library: str | pat.PatternLibrary) -> float:
+    """The shift's bisection bracket +-B for `library` (host): with proposals clipped to
+    +-LOGIT_CLIP, at +-B every layer's mixture is one pattern up to exp(-40)."""
+    cost = np.asarray(pat.get_library(library).pruned_fraction, np.float64)
+    gaps = np.diff(np.unique(cost))
+    return float((2 * LOGIT_CLIP + 40.0) / (gaps.min() if gaps.size else 1.0))
+

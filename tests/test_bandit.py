@@ -1,0 +1,132 @@
+"""The low-dimensional policy and its bandit update: Gaussian math, the seed-independent uniform
+start, learning on a problem with a known optimum, a trust region that holds, NaN handling."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sculpt_jax import bandit, decode
+from sculpt_jax import graph as graph_lib
+
+SIZES = dict(hidden=16, n_layers=1, n_heads=2, mlp_hidden=32)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_setup):
+    t = tiny_setup
+    order = graph_lib.importance_order(t["spec"], t["variables"])
+    d = decode.make_decoder(t["spec"], order, t["library"], target=0.5, tolerance=0.05)
+    policy = bandit.make_mixture_policy(t["spec"], d.action_mask, init_std=1.0,
+                                        init_std_layer=0.5, **SIZES)  # fmt: skip
+    obs = graph_lib.make_observation(t["spec"], t["variables"],
+                                     jnp.asarray(graph_lib.initial_pattern_ids(t["spec"])))  # fmt: skip
+    return policy, obs, jnp.asarray(d.action_mask)
+
+
+def test_gaussian_helpers_golden():
+    mask = jnp.asarray([[True, False], [True, True]])
+    a = jnp.asarray([[0.5, 9.0], [-1.0, 0.0]])
+    mean = jnp.zeros((2, 2))
+    log_std = jnp.log(jnp.asarray([[1.0, 3.0], [2.0, 0.5]]))
+    want = sum(-0.5 * (x / s) ** 2 - math.log(s) - 0.5 * math.log(2 * math.pi)
+               for x, s in ((0.5, 1.0), (-1.0, 2.0), (0.0, 0.5)))  # fmt: skip
+    assert float(bandit.gaussian_log_prob(a, mean, log_std, mask)) == pytest.approx(want, rel=1e-6)
+    mq, sq = jnp.ones((2, 2)), jnp.zeros((2, 2))
+    kl = float(bandit.gaussian_kl(mean, log_std, mq, sq, mask))
+    want = sum(-math.log(s) + (s * s + 1.0) / 2 - 0.5 for s in (1.0, 2.0, 0.5))
+    assert kl == pytest.approx(want, rel=1e-6)
+    km, ks = bandit.gaussian_kl_parts(mean, log_std, mq, sq, mask)
+    assert float(km) == pytest.approx(sum(1 / (2 * s * s) for s in (1.0, 2.0, 0.5)), rel=1e-6)
+    assert float(ks) >= 0 and float(bandit.gaussian_kl_parts(mean, log_std, mean, log_std,
+                                                              mask)[1]) == 0.0  # fmt: skip
+    adv = bandit.advantages(jnp.asarray([1.0, 2.0, 3.0, jnp.nan]),
+                            jnp.asarray([True, True, True, False]), "loo")  # fmt: skip
+    np.testing.assert_allclose(adv, [-1.5 / math.sqrt(2 / 3) * 1.0 / 1.5 * 1.5, 0.0,
+                                     1.5 / math.sqrt(2 / 3) * 1.0 / 1.5 * 1.5, 0.0],
+                               rtol=1e-5)  # (r - mean) / std * n / (n - 1)  # fmt: skip
+
+
+def test_initial_mean_is_the_uniform_allocation_for_every_seed(setup):
+    policy, obs, mask = setup
+    for seed in range(3):
+        params = policy.init(jax.random.PRNGKey(seed), obs)
+        mean, log_std = policy.dist(params, obs)
+        assert np.all(np.asarray(mean) == 0.0)
+        np.testing.assert_allclose(np.exp(log_std)[0][np.asarray(mask[0])], 1.0, rtol=1e-6)
+        np.testing.assert_allclose(np.exp(log_std)[1:][np.asarray(mask[1:])], 0.5, rtol=1e-6)
+    actions, lp = policy.sample(params, obs, jax.random.PRNGKey(9), 2000)
+    assert np.all(np.asarray(actions)[:, ~np.asarray(mask)] == 0.0)
+    std = np.asarray(actions).std(0)
+    assert abs(std[0][np.asarray(mask[0])].mean() - 1.0) < 0.05
+    np.testing.assert_allclose(lp, policy.log_prob(params, obs, actions), rtol=1e-5, atol=1e-4)
+
+
+def _synthetic_run(policy, obs, mask, seed, cfg, iterations=25, n=16):
+    """Reward = -mean squared distance of the action to a fixed optimum a* (known optimum 0)."""
+    target = jnp.where(mask, 0.6 * jax.random.normal(jax.random.PRNGKey(100), mask.shape), 0.0)
+    reward = lambda a: -jnp.sum(jnp.where(mask, (a - target) ** 2, 0.0)) / policy.n_dims
+    update = bandit.make_bandit_update(policy, cfg)
+
+    @jax.jit
+    def run(key):
+        k0, k1 = jax.random.split(key)
+        state = bandit.create_agent_state(policy.init(k0, obs), cfg)
+
+        def it(state, k):
+            ka, ku = jax.random.split(k)
+            a, lp = policy.sample(state.params, obs, ka, n)
+            state, m = update(state, obs, a, lp, jax.vmap(reward)(a), ku)
+            return state, dict(m, mean_reward=reward(policy.dist(state.params, obs)[0]))
+
+        return jax.lax.scan(it, state, jax.random.split(k1, iterations))
+
+    return run(jax.random.PRNGKey(seed)), float(reward(jnp.zeros_like(target)))
+
+
+def test_policy_learns_a_known_optimum_and_the_trust_region_holds(setup):
+    policy, obs, mask = setup
+    cfg = bandit.BanditConfig(target_kl=0.5, target_kl_std=0.05)
+    for seed in range(3):
+        (_, m), start = _synthetic_run(policy, obs, mask, seed, cfg)
+        curve = np.asarray(m["mean_reward"])
+        assert curve[-1] > 0.5 * start, (seed, start, curve)  # more than half the gap closed
+        assert curve[-5:].mean() > curve[:5].mean()
+        assert np.all(np.asarray(m["kl_mean"]) <= cfg.target_kl + 1e-5)
+        assert np.all(np.asarray(m["kl_std"]) <= cfg.target_kl_std + 1e-5)
+        assert np.all(np.asarray(m["accepted_steps"]) > 0)
+        assert np.all(np.isfinite(np.asarray(m["kl_k3"])))
+
+
+def test_non_finite_rewards_are_left_out_and_nan_steps_skipped(setup):
+    policy, obs, mask = setup
+    cfg = bandit.BanditConfig()
+    update = jax.jit(bandit.make_bandit_update(policy, cfg))
+    state = bandit.create_agent_state(policy.init(jax.random.PRNGKey(0), obs), cfg)
+    a, lp = policy.sample(state.params, obs, jax.random.PRNGKey(1), 8)
+    r = jnp.arange(8.0).at[3].set(jnp.nan)
+    new, m = update(state, obs, a, lp, r, jax.random.PRNGKey(2))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(new.params))
+    assert int(m["nan_skipped"]) == 0 and int(m["accepted_steps"]) > 0
+    # a non-finite action is left out of the update and reported (logged by the runner)
+    bad, m = update(state, obs, a.at[0].set(jnp.nan), lp, r, jax.random.PRNGKey(2))
+    assert int(m["nan_skipped"]) == 1
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(bad.params))
+    # nothing scored: no sample to learn from, the policy stays as it was
+    same, m = update(state, obs, a, lp, jnp.full((8,), jnp.nan), jax.random.PRNGKey(2))
+    for x, y in zip(jax.tree.leaves(same.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_bad_settings_are_refused(setup):
+    policy, _, _ = setup
+    with pytest.raises(ValueError, match="target_kl"):
+        bandit.BanditConfig(target_kl=0.0)
+    with pytest.raises(ValueError, match="unknown bandit config keys"):
+        bandit.as_bandit_config({"lr": 1e-3, "gamma": 0.9})
+    with pytest.raises(ValueError, match="baseline"):
+        bandit.BanditConfig(baseline="critic")
