@@ -131,8 +131,11 @@ def make_policy(
     Returns:
       A `Policy` (init, apply, sample_action, action_log_prob).
     """
-    if head not in gnn.HEADS:
-        raise ValueError(f"head must be one of {gnn.HEADS}, got {head!r}")
+    if head == "mixture":
+        raise ValueError("head 'mixture' is built by bandit.make_mixture_policy (budget-exact "
+                         "proposals); agent.make_policy builds the legacy band-rule heads")  # fmt: skip
+    if head not in gnn.LEGACY_HEADS:
+        raise ValueError(f"head must be one of {gnn.LEGACY_HEADS}, got {head!r}")
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     order_np = np.asarray(spec.action_nodes if order is None else order, np.int32)

@@ -217,7 +217,7 @@ class BanditConfig:
     clip_eps: PPO ratio clip. target_kl / target_kl_std: the trust region per update, on the mean
     and the std parts of the exact KL(old || new) (`gaussian_kl_parts`; decoupled as in MPO, so
     that shrinking the exploration noise cannot use up the budget for moving the mean).
-    ent_coef: entropy bonus. baseline: "loo" (leave-one-out mean) or "mean". fit_lr / fit_steps:
+    ent_coef: entropy bonus. baseline: "loo" (leave-one-out mean), "mean" or "rank" (`advantages`). fit_lr / fit_steps:
     Adam on the GNN's params when projecting the improved distribution onto the policy.
     """
 
@@ -235,8 +235,8 @@ class BanditConfig:
     fit_steps: int = 64
 
     def __post_init__(self):
-        if self.baseline not in ("loo", "mean"):
-            raise ValueError(f"baseline must be 'loo' or 'mean', got {self.baseline!r}")
+        if self.baseline not in ("loo", "mean", "rank"):
+            raise ValueError(f"baseline must be 'loo', 'mean' or 'rank', got {self.baseline!r}")
         if not (self.target_kl > 0 and self.target_kl_std > 0):
             raise ValueError(f"target_kl and target_kl_std must be > 0, got {self.target_kl}, "
                              f"{self.target_kl_std}")  # fmt: skip
@@ -274,7 +274,9 @@ def advantages(reward: jax.Array, valid: jax.Array, baseline: str = "loo") -> ja
     """Standardised advantages f32 [N] of N rewards, 0 where `valid` is False.
 
     "mean": (r - mean) / std over the valid samples; "loo": the leave-one-out baseline
-    ``b_i = mean_(j != i) r_j``, i.e. the same times n / (n - 1).
+    ``b_i = mean_(j != i) r_j``, i.e. the same times n / (n - 1); "rank": centred ranks scaled to
+    unit std (the fitness shaping of natural evolution strategies, Wierstra et al. 2014: only
+    the order of the rewards counts, so one lucky score cannot dominate an update).
     """
     chex.assert_rank([reward, valid], 1)
     w = valid.astype(jnp.float32)
@@ -282,6 +284,12 @@ def advantages(reward: jax.Array, valid: jax.Array, baseline: str = "loo") -> ja
     r = jnp.where(valid, reward, 0.0)
     mean = jnp.sum(r * w) / n
     std = jnp.sqrt(jnp.sum(jnp.square(r - mean) * w) / n)
+    if baseline == "rank":
+        big = jnp.where(valid, r, jnp.inf)  # left-out samples rank last and are zeroed below
+        ranks = jnp.argsort(jnp.argsort(big)).astype(jnp.float32)
+        centred = jnp.where(valid, ranks - (n - 1) / 2, 0.0)
+        scale = jnp.sqrt(jnp.sum(jnp.square(centred) * w) / n)
+        return jnp.where(valid, centred / (scale + 1e-8), 0.0)
     adv = (r - mean) / (std + 1e-8)
     if baseline == "loo":
         adv = adv * n / jnp.maximum(n - 1.0, 1.0)

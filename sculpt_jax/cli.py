@@ -10,7 +10,8 @@ Commands:
 Every command but `info` takes `--config FILE[:variant]` (default: `sculpt_jax.config`'s defaults),
 dotted overrides `--config.search.target_flops=0.4`, and shortcuts for the common fields
 (`--model`, `--dataset`, `--data-dir`, `--workdir`, `--seed`, `--target-flops`, `--method`,
-`--checkpoint`). This is the only module that reads flags.
+`--head`, `--tolerance`, `--checkpoint`, `--policy-from`). This is the only module that reads
+flags.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ SHORTCUTS = {
     "method": "search.method",
     "head": "search.head",
     "checkpoint": "pretrain.checkpoint",
+    "policy_from": "search.policy_from",
+    "tolerance": "search.tolerance",
 }
 
 
@@ -62,8 +65,13 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--workdir", help="where checkpoints, metrics and reports go")
         c.add_argument("--seed", type=int)
         c.add_argument("--target-flops", dest="target_flops", type=float)
-        c.add_argument("--method", help="ppo | random | uniform | magnitude | autocompress")
-        c.add_argument("--head", help="PPO actor head: paper | per_group | per_filter")
+        c.add_argument("--method", help="ppo | random | uniform | cem | anneal | magnitude | "
+                       "autocompress")  # fmt: skip
+        c.add_argument("--head", help="PPO actor head: mixture (default) | legacy paper | "
+                       "per_group | per_filter")  # fmt: skip
+        c.add_argument("--tolerance", type=float, help="accepted |reduction - target| (0.005)")
+        c.add_argument("--policy-from", dest="policy_from",
+                       help="start the search from the policy trained in this workdir")
         c.add_argument("--checkpoint", help="pretrained workdir or checkpoint to start from")
         c.add_argument("--overwrite", action="store_true", help="discard an incompatible workdir")
         c.add_argument("--quiet", action="store_true", help="no progress bars")

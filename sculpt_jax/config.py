@@ -91,7 +91,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.bandit.target_kl = 0.5  # trust region on the mean part of KL(old || new) per update
     c.bandit.target_kl_std = 0.05  # ... and on its std part
     c.bandit.entropy_coef = 0.0
-    c.bandit.baseline = "loo"  # loo (leave-one-out) | mean
+    c.bandit.baseline = "loo"  # loo (leave-one-out) | mean | rank (centred ranks)
     c.bandit.max_grad_norm = 1.0
     c.bandit.fit_lr = 0.01  # Adam on the GNN's params when projecting the improved policy
     c.bandit.fit_steps = 64
@@ -264,7 +264,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "ppo.advantage": (cfg.ppo.advantage, ("gae", "reference")),
     }  # fmt: skip
     if "bandit" in cfg:
-        choices["bandit.baseline"] = (cfg.bandit.baseline, ("loo", "mean"))
+        choices["bandit.baseline"] = (cfg.bandit.baseline, ("loo", "mean", "rank"))
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")

@@ -32,7 +32,8 @@ import jraph
 # (so entropies and gradients never see inf - inf or 0 * inf).
 NEG_LOGIT = -1e9
 
-HEADS = ("paper", "per_group", "per_filter", "mixture")
+LEGACY_HEADS = ("paper", "per_group", "per_filter")  # the reference's band rule (`agent`)
+HEADS = (*LEGACY_HEADS, "mixture")  # "mixture": the budget-exact policy (`bandit`)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:

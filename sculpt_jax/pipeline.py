@@ -625,8 +625,9 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
     best = searched["best"][: cfg.search.top_k]
     if not best:
         raise PipelineError(
-            "the search kept no in-band candidate, so there is nothing to fine-tune; run more "
-            "search iterations (--config.search.iterations) or widen --config.search.band"
+            "the search kept no candidate on budget, so there is nothing to fine-tune; run more "
+            "search iterations (--config.search.iterations) or widen --config.search.tolerance "
+            "(legacy heads: --config.search.band)"
         )
     f = cfg.finetune
     eval_step = ft.make_eval_step(s.apply_fn)
@@ -666,6 +667,7 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
         "val_accuracy": res.best_val_accuracy,
         "test_accuracy": test["accuracy"],
         "search_val_accuracy_before_finetune": cand["accuracy"],
+        "heldout_accuracy_before_finetune": cand.get("heldout_accuracy"),
         "flops_reduction": exact["flops_reduction"],
         "reference_formula_flops_reduction": cand["reference_reduction"],
         "params_reduction": exact["params_reduction"],

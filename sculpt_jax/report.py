@@ -646,7 +646,7 @@ def _make_plots(
     written, skipped = {}, {}
     kind = summary.get("flops_kind", _get(cfg_d, "search.flops_kind", "true"))
     target = _num(summary.get("target_flops_reduction", _get(cfg_d, "search.target_flops")))
-    band = _num(summary.get("band", _get(cfg_d, "search.band")))
+    band = _num(summary.get("band") or summary.get("tolerance") or _get(cfg_d, "search.band"))
     label = f"{row.get('model', '?')} on {row.get('dataset', '?')} ({row.get('method', '?')})"
 
     def attempt(name, fn):
@@ -715,7 +715,7 @@ def _honest_note(row: Mapping, summary: Mapping, cfg_d: Mapping) -> list[str]:
         "with a zeroed weight removed), from the traced layer graph: `FLOPs red. (true)`. The "
         "AutoSculpt reference code's channel-pruning formula is shown beside it as "
         "`FLOPs red. (ref. formula)`; it over-states pattern sparsity (REFERENCE.md sec. 6.2). "
-        f"The search's reward band used the `{kind}` measure.",
+        f"The search's budget (tolerance or band) used the `{kind}` measure.",
         "- **Selection used validation data only**: the search reward (a reward set carved from "
         "the training data), the choice among the kept candidates and the best fine-tune epoch. "
         "The **test split was evaluated once** on the final pruned model (and once on the dense "
@@ -791,6 +791,10 @@ def write_run_report(
             "validation accuracy (reward set), chosen candidate before fine-tune",
             "search_val_accuracy_before_finetune",
         ),
+        (
+            "validation accuracy (held-out part), chosen candidate before fine-tune",
+            "heldout_accuracy_before_finetune",
+        ),
         ("search time (this command)", "search_seconds"),
         ("pretraining epochs, all sessions", "pretrain_epoch_seconds"),
         ("fine-tuning epochs, all sessions", "finetune_epoch_seconds"),
@@ -807,25 +811,26 @@ def write_run_report(
         md += [
             "## Search",
             "",
-            f"- method `{summary.get('method', '?')}`, target FLOPs reduction "
-            f"{summary.get('target_flops_reduction', '?')} ± {summary.get('band', '?')} "
-            f"({summary.get('flops_kind', '?')} measure)",
-            f"- candidates evaluated: {summary.get('n_evals', '?')}, in band: "
+            f"- method `{summary.get('method', '?')}`, target reduction "
+            f"{summary.get('target_reduction', summary.get('target_flops_reduction', '?'))} ± "
+            f"{summary.get('tolerance') or summary.get('band', '?')} "
+            f"({summary.get('target_measure', summary.get('flops_kind', '?'))} measure)",
+            f"- candidates evaluated: {summary.get('n_evals', '?')}, on budget: "
             f"{summary.get('n_in_band', '?')}",
             "",
         ]
         cands = summary.get("candidates") or []
         if cands:
             md += [
-                "| rank | search val acc. | FLOPs red. (true) | FLOPs red. (ref. formula) | "
-                "params red. | seed |",
-                "|---|---|---|---|---|---|",
+                "| rank | search val acc. | held-out val acc. | FLOPs red. (true) | "
+                "FLOPs red. (ref. formula) | params red. | seed |",
+                "|---|---|---|---|---|---|---|",
             ]
             for i, c in enumerate(cands):
                 f = lambda k, c=c: "n/a" if _num(c.get(k)) is None else f"{100 * _num(c[k]):.2f}%"
                 md.append(
                     f"| {c.get('rank', i)} | {f('search_val_accuracy')} | "
-                    f"{f('flops_reduction')} | {f('reference_formula_reduction')} | "
+                    f"{f('heldout_accuracy')} | {f('flops_reduction')} | {f('reference_formula_reduction')} | "
                     f"{f('params_reduction')} | {c.get('seed', '?')} |"
                 )
             md.append("")
