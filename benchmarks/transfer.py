@@ -109,8 +109,9 @@ def main(argv=None) -> None:
         for seed in range(a.seeds):
             pol_src = pipeline.mixture_policy(cs, ss_src)
             _, _, state = _search(cs, ss_src, "ppo", seed, a.budget, pol_src, tag="train_")
-            params = state.agent.params
             pol_dst = pipeline.mixture_policy(cd, ss_dst)
+            # the GNN transfers; the target model's own correction starts at zero
+            params = dict(pol_dst.init(jax.random.PRNGKey(0)), gnn=state.agent.params["gnn"])
             warm = pol_dst._replace(init=lambda key, obs=None, p=params: p)
             rows["zero_shot"].append(_mean_accuracy(ss_dst, pol_dst.dist(params, obs_dst)[0]))
             rows["untrained_mean"].append(untrained)

@@ -16,17 +16,18 @@ the policy's parameters do not depend on the model's size and transfer between m
 last layers start at zero: whatever the seed, the policy's initial mean is the uniform allocation
 at the target, and its initial samples are random search's.
 
-Update (Schulman et al. 2017, Eq. 7, with a trust region that holds): epochs x minibatches of Adam
-steps on the clipped surrogate ``-mean(min(rho A, clip(rho, 1 +- eps) A))`` (rlax). Every step is
-measured against the policy the samples came from by its exact KL(old || new) (closed form: one
-fixed observation, diagonal Gaussians) and backtracked into the trust region: scaled to
-``0.9 sqrt(limit / KL)`` of itself, then halved until the KL is <= ``target_kl``; a step that
-does not fit after the last halving, or that is non-finite, is rejected (and a non-finite one
-logged). The limit holds on the two parts of the KL separately (MPO's decoupled KL, Abdolmaleki
-et al. 2018): ``target_kl`` on the mean part, ``target_kl_std`` on the std part, so the KL of every
-update is at most their sum by construction, and narrowing the noise, which in a hundred
-dimensions costs nats fast, cannot use up the budget for moving the mean. The k3 estimator
-``mean((rho - 1) - log rho)`` of the same KL from the samples is reported beside it.
+Update (Schulman et al. 2017, Eq. 7, with a trust region that holds; `make_bandit_update`):
+improve, then project. Improve: epochs x minibatches natural-gradient ascent steps of the clipped
+surrogate ``mean(min(rho A, clip(rho, 1 +- eps) A))`` (rlax) on the Gaussian's own parameters,
+each step projected exactly onto the trust region measured against the sampling policy. The
+region holds on the two parts of the KL separately (MPO's decoupled KL, Abdolmaleki et al. 2018):
+``target_kl`` on the mean part (a quadratic form in the mean, so the step is scaled back radially
+onto it), ``target_kl_std`` on the std part (the log-std step halved until it fits), so that
+narrowing the noise, which in a hundred dimensions costs nats fast, cannot use up the budget for
+moving the mean. Project: the GNN's mean is fitted to the improved mean (what transfers to other
+models), a per-model correction takes the remainder, and the log-std rows are set to the improved
+ones, so the new policy is exactly the improved distribution. The k3 estimator
+``mean((rho - 1) - log rho)`` of KL(old || new) from the samples is reported beside the exact one.
 
 All functions are jittable and vmappable over seeds; helpers are unbatched with rank asserts.
 """
@@ -87,6 +88,12 @@ def gaussian_entropy(log_std, mask):
     return jnp.sum(jnp.where(mask, log_std + 0.5 * (_LOG_2PI + 1.0), 0.0))
 
 
+def _expand_log_std(log_std2, n_rows):
+    """[2, P] (network-wide row, layer rows) -> [n_rows, P]."""
+    return jnp.concatenate([log_std2[:1], jnp.broadcast_to(log_std2[1:], (n_rows - 1,
+                                                                          log_std2.shape[1]))])
+
+
 class MixturePolicy(NamedTuple):
     """The "mixture" policy of one model (closures over its `GraphSpec` and action mask).
 
@@ -97,6 +104,10 @@ class MixturePolicy(NamedTuple):
     log_prob(params, obs, actions [n, L + 1, P]) -> f32 [n].
     kl(params_old, params_new, obs) -> KL(old || new) f32 [].
     kl_parts(params_old, params_new, obs) -> (mean part, std part) of it (`gaussian_kl_parts`).
+    prior(params["gnn"], obs) -> (the GNN's mean [L + 1, P], its log-std rows [2, P]).
+
+    params = {"gnn": the GNN's Flax variables (model-size independent: what transfers),
+    "correction": f32 [L + 1, P] added to the GNN's mean (this model's own part, zero at init)}.
     entropy(params, obs) -> f32 [].
     """
 
@@ -109,6 +120,7 @@ class MixturePolicy(NamedTuple):
     kl: Callable
     kl_parts: Callable
     entropy: Callable
+    prior: Callable
 
 
 def make_mixture_policy(
@@ -163,14 +175,18 @@ def make_mixture_policy(
 
     def init(key, obs=None):
         obs = graph_lib.example_observation(spec) if obs is None else obs
-        return model.init(key, obs, *statics())
+        return {"gnn": model.init(key, obs, *statics()),
+                "correction": jnp.zeros((n_l + 1, n_p), jnp.float32)}  # fmt: skip
+
+    def prior(gnn_params, obs):
+        obs = obs._replace(senders=jnp.asarray(spec.senders), receivers=jnp.asarray(spec.receivers))
+        out = model.apply(gnn_params, obs, *statics())
+        return jnp.where(mask, out["mean"], 0.0), out["log_std"]
 
     def dist(params, obs):
-        obs = obs._replace(senders=jnp.asarray(spec.senders), receivers=jnp.asarray(spec.receivers))
-        out = model.apply(params, obs, *statics())
-        log_std = jnp.maximum(out["log_std"], log_min)
-        log_std = jnp.concatenate([log_std[:1], jnp.broadcast_to(log_std[1:], (n_l, n_p))])
-        return jnp.where(mask, out["mean"], 0.0), jnp.where(mask, log_std, 0.0)
+        mean, log_std2 = prior(params["gnn"], obs)
+        log_std = _expand_log_std(jnp.maximum(log_std2, log_min), n_l + 1)
+        return jnp.where(mask, mean + params["correction"], 0.0), jnp.where(mask, log_std, 0.0)
 
     def sample(params, obs, key, n: int):
         mean, log_std = dist(params, obs)
@@ -201,7 +217,7 @@ def make_mixture_policy(
         return gaussian_entropy(dist(params, obs)[1], mask)
 
     return MixturePolicy(action_mask, int(action_mask.sum()), init, dist, sample, log_prob, kl,
-                         kl_parts, entropy)  # fmt: skip
+                         kl_parts, entropy, prior)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,18 +228,19 @@ def make_mixture_policy(
 class BanditConfig:
     """Settings of `make_bandit_update` (see the module docstring).
 
-    lr / adam_eps / max_grad_norm: Adam and a global-norm clip (<= 0: none). n_epochs x
-    n_minibatches Adam steps per update over the N samples (n_minibatches must divide N).
+    lr: natural-gradient step size of the improvement. adam_eps: the projection's Adam epsilon.
+    n_epochs x n_minibatches improvement steps per update over the N samples (n_minibatches must
+    divide N).
     clip_eps: PPO ratio clip. target_kl / target_kl_std: the trust region per update, on the mean
     and the std parts of the exact KL(old || new) (`gaussian_kl_parts`; decoupled as in MPO, so
     that shrinking the exploration noise cannot use up the budget for moving the mean).
-    ent_coef: entropy bonus. baseline: "loo" (leave-one-out mean), "mean" or "rank" (`advantages`). fit_lr / fit_steps:
-    Adam on the GNN's params when projecting the improved distribution onto the policy.
+    ent_coef: entropy bonus. baseline: "loo" (leave-one-out mean), "mean" or "rank"
+    (`advantages`). fit_lr / fit_steps: Adam on the GNN's params when fitting its mean to the
+    improved one.
     """
 
-    lr: float = 0.1
+    lr: float = 1.0
     adam_eps: float = 1e-5
-    max_grad_norm: float = 1.0
     n_epochs: int = 8
     n_minibatches: int = 1
     clip_eps: float = 0.2
@@ -256,18 +273,11 @@ def as_bandit_config(config: Any = None) -> BanditConfig:
     return BanditConfig(**config)
 
 
-def make_optimizer(config: Any = None) -> optax.GradientTransformation:
-    cfg = as_bandit_config(config)
-    tx = optax.adam(cfg.lr, eps=cfg.adam_eps)
-    if cfg.max_grad_norm and cfg.max_grad_norm > 0:
-        tx = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), tx)
-    return tx
-
-
 def create_agent_state(params: Any, config: Any = None) -> agent_lib.AgentState:
-    """Initial learner state (params, Adam state, step 0); jittable, vmappable over seeds."""
-    return agent_lib.AgentState(params=params, opt_state=make_optimizer(config).init(params),
-                                step=jnp.zeros((), jnp.int32))  # fmt: skip
+    """Initial learner state (params, step 0; the update keeps no optimizer state between
+    iterations: `opt_state` is empty); jittable, vmappable over seeds."""
+    del config
+    return agent_lib.AgentState(params=params, opt_state=(), step=jnp.zeros((), jnp.int32))
 
 
 def advantages(reward: jax.Array, valid: jax.Array, baseline: str = "loo") -> jax.Array:
@@ -296,128 +306,108 @@ def advantages(reward: jax.Array, valid: jax.Array, baseline: str = "loo") -> ja
     return jnp.where(valid, adv, 0.0)
 
 
-def _expand_log_std(log_std2, n_rows):
-    """[2, P] (network-wide row, layer rows) -> [n_rows, P]."""
-    return jnp.concatenate([log_std2[:1], jnp.broadcast_to(log_std2[1:], (n_rows - 1,
-                                                                          log_std2.shape[1]))])
-
-
 def make_bandit_update(policy: MixturePolicy, config: Any = None) -> Callable:
     """Builds ``update(agent_state, obs, actions [N, L + 1, P], log_prob [N], reward [N], key) ->
     (agent_state, metrics)`` (jittable, vmappable; see the module docstring).
 
-    Two steps (the improve-then-project scheme of MPO / V-MPO, Abdolmaleki et al. 2018, Song et
+    Two steps, improve then project (the scheme of MPO / V-MPO, Abdolmaleki et al. 2018, Song et
     al. 2020, with PPO's clipped surrogate as the improvement):
 
-    1. improve: n_epochs x n_minibatches Adam steps of the clipped surrogate on the Gaussian's own
-       parameters (mean [L + 1, P], log-std [2, P]), starting from the policy's, each step held in
-       the trust region part by part (the mean part of KL against the sampling policy is exactly
-       quadratic in the mean step, which is scaled to at most target_kl; the log-std step is
-       backtracked until the std part is <= target_kl_std);
-    2. project: fit_steps Adam steps of the GNN's params on KL(improved || policy), then a
-       backtracking line search from the old params towards the fitted ones that keeps the exact
-       KL(old || new) parts within the limits.
+    1. improve, in distribution space: n_epochs x n_minibatches natural-gradient ascent steps of
+       the clipped surrogate on the Gaussian's own parameters (mean [L + 1, P]: the gradient times
+       the sampling policy's variance; log-std rows [2, P]: divided by the Fisher 2 x the entries
+       per row), each step held in the trust region by an exact projection: the mean part of
+       KL(sampling || new) is a quadratic form in the mean, so the step is scaled back radially
+       onto ``target_kl``; the log-std step is halved until the std part is <= target_kl_std.
+    2. project onto the policy: fit_steps Adam steps fit the GNN's mean to the improved mean
+       (``prior``: what transfers to other models), then the model's own correction takes the
+       remainder and the log-std rows are set to the improved ones, so the new policy IS the
+       improved distribution and its KL parts are within the limits by construction.
 
-    Why not PPO on the GNN's params directly: the per-layer means are a linear read-out of GNN
-    embeddings that are strongly correlated across similar layers, so a step in parameter space
-    spends its KL budget on moving layers together; the improvement in distribution space does
-    not, and the fit then finds the closest policy the GNN can express (measured in
-    tests/test_bandit.py's known-optimum problem: 25 updates close ~75% of the gap this way and
-    ~25% with PPO on the GNN's params).
+    Why not PPO on the GNN's params directly: the per-layer means are a read-out of GNN embeddings
+    that are strongly correlated across similar layers, so steps in parameter space spend the KL
+    budget on moving layers together (measured on tests/test_bandit.py's known-optimum problem:
+    25 updates closed ~25% of the gap, this update ~75%), and Adam's sign-like first steps move
+    every dimension by the same amount whatever the evidence.
 
     Rewards that are not finite (a candidate that could not be scored) are left out. metrics: kl
     (exact KL(old || new)), kl_mean / kl_std (its parts, within the limits), kl_k3 (the sample
-    estimator), kl_fit (KL(improved || new), the projection's error), clip_frac, pg_loss,
-    entropy, std_mean, accepted_steps / steps, step_scale (mean backtracking scale of the
-    improvement, 0 = rejected), line_search (the projection's scale), nan_skipped (1 if a
-    non-finite step was skipped), reward_mean / reward_std.
+    estimator of the same KL), prior_fit (the share of the improved mean's squared norm that
+    the correction carries: 0 when the GNN alone gives it), clip_frac, pg_loss, entropy, std_mean, nan_skipped (1 if a
+    non-finite sample was left out), reward_mean / reward_std.
     """
     cfg = as_bandit_config(config)
-    tx = make_optimizer(cfg)
     fit_tx = optax.adam(cfg.fit_lr, eps=cfg.adam_eps)
     n_steps = cfg.n_epochs * cfg.n_minibatches
     mask = jnp.asarray(policy.action_mask)
     n_rows = mask.shape[0]
-    limits = jnp.asarray([cfg.target_kl, cfg.target_kl_std], jnp.float32)
+    per_row = jnp.maximum(jnp.stack([jnp.sum(mask[0]), jnp.sum(mask[1:])]), 1.0)  # [2]
 
     def free_dist(phi):
         return jnp.where(mask, phi["mean"], 0.0), jnp.where(mask, _expand_log_std(phi["log_std"],
                                                                                   n_rows), 0.0)
 
-    def free_log_prob(phi, actions):
-        mean, log_std = free_dist(phi)
-        return jax.vmap(lambda a: gaussian_log_prob(a, mean, log_std, mask))(actions)
-
     def loss_fn(phi, actions, old_lp, adv, w):
-        ratio = jnp.exp(free_log_prob(phi, actions) - old_lp)
+        mean, log_std = free_dist(phi)
+        lp = jax.vmap(lambda a: gaussian_log_prob(a, mean, log_std, mask))(actions)
+        ratio = jnp.exp(lp - old_lp)
         # rlax averages over all N; left-out samples have adv 0, so rescale to the valid ones.
         pg = rlax.clipped_surrogate_pg_loss(ratio, adv, cfg.clip_eps)
         pg = pg * w.shape[0] / jnp.maximum(jnp.sum(w), 1.0)
-        ent = gaussian_entropy(free_dist(phi)[1], mask)
+        ent = gaussian_entropy(log_std, mask)
         frac = jnp.sum((jnp.abs(ratio - 1) > cfg.clip_eps) * w) / jnp.maximum(jnp.sum(w), 1.0)
         return pg - cfg.ent_coef * ent, {"pg_loss": pg, "clip_frac": frac}
 
-    def within(parts):
-        return jnp.all(parts <= limits, axis=-1)
-
-    def improve(old_dist, actions, log_prob, adv, valid, key):
+    def improve(old_dist, log_std2, actions, log_prob, adv, valid, key):
         m0, s0 = old_dist
-        rows = jnp.maximum(jnp.sum(mask[1:], 0), 1)  # the layer rows share one log-std per pattern
-        phi0 = {"mean": m0, "log_std": jnp.stack([s0[0], jnp.sum(s0[1:], 0) / rows])}
-        kl_parts = lambda phi: jnp.stack(gaussian_kl_parts(m0, s0, *free_dist(phi), mask))
+        var0 = jnp.where(mask, jnp.exp(2 * s0), 0.0)
+        phi0 = {"mean": m0, "log_std": log_std2}
         n = adv.shape[0]
 
-        def step(carry, idx):
-            phi, opt_state, nan = carry
+        def step(phi, idx):
             batch = (actions[idx], log_prob[idx], adv[idx], valid[idx].astype(jnp.float32))
-            (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(phi, *batch)
-            updates, new_opt = tx.update(grads, opt_state, phi)
-            # Into the trust region, each part on its own: the mean part of the KL is exactly
-            # quadratic in the mean step (scale it to the limit), the std part is backtracked.
-            moved = lambda a, b: {"mean": phi["mean"] + a * updates["mean"],
-                                  "log_std": phi["log_std"] + b * updates["log_std"]}  # fmt: skip
-            km = kl_parts(moved(1.0, 0.0))[0]
-            a_mean = jnp.minimum(1.0, 0.999 * jnp.sqrt(cfg.target_kl / jnp.maximum(km, 1e-12)))
-            a_mean = jnp.where(kl_parts(moved(a_mean, 0.0))[0] <= cfg.target_kl, a_mean, 0.0)
-            ks = kl_parts(moved(0.0, 1.0))[1]
-            first = jnp.minimum(1.0, 0.9 * jnp.sqrt(cfg.target_kl_std / jnp.maximum(ks, 1e-12)))
-            scales = jnp.concatenate([first * jnp.asarray(SCALES, jnp.float32), jnp.zeros(1)])
-            fits = jax.vmap(lambda b: kl_parts(moved(a_mean, b))[1])(scales) <= cfg.target_kl_std
-            a_std = scales[jnp.argmax(fits)]  # scale 0 always fits
-            finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-            ok = finite & jnp.isfinite(km) & jnp.isfinite(ks)
-            keep = lambda a, b: jnp.where(ok, a, b)
-            phi = jax.tree.map(keep, moved(a_mean, a_std), phi)
-            opt_state = jax.tree.map(keep, new_opt, opt_state)
-            aux = dict(aux, accepted=ok & (a_mean > 0), step_scale=jnp.where(ok, a_mean, 0.0))
-            return (phi, opt_state, nan | ~finite), aux
+            (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(phi, *batch)
+            # natural-gradient ascent (the loss is minimised: step against its gradient)
+            d = phi["mean"] - cfg.lr * var0 * g["mean"] - m0
+            kl_m = jnp.sum(jnp.where(mask, d * d / (2 * var0 + 1e-30), 0.0))
+            d = d * jnp.minimum(1.0, jnp.sqrt(cfg.target_kl / jnp.maximum(kl_m, 1e-30)))
+            mean = m0 + d
+            u = -cfg.lr * g["log_std"] / (2 * per_row[:, None])
+            kl_s = lambda b: gaussian_kl_parts(m0, s0, *free_dist(
+                {"mean": mean, "log_std": phi["log_std"] + b * u}), mask)[1]  # fmt: skip
+            scales = jnp.asarray(SCALES + (0.0,), jnp.float32)
+            b = scales[jnp.argmax(jax.vmap(kl_s)(scales) <= cfg.target_kl_std)]  # 0 always fits
+            new = {"mean": mean, "log_std": phi["log_std"] + b * u}
+            finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(new["mean"]))
+            finite = finite & jnp.all(jnp.isfinite(new["log_std"]))
+            return jax.tree.map(lambda a, c: jnp.where(finite, a, c), new, phi), aux
 
         keys = jax.random.split(key, cfg.n_epochs)
         idx = jax.vmap(lambda k: jax.random.permutation(k, n))(keys)
-        idx = idx.reshape(n_steps, n // cfg.n_minibatches)
-        (phi, _, nan), aux = jax.lax.scan(step, (phi0, tx.init(phi0), jnp.bool_(False)), idx)
-        return free_dist(phi), nan, aux
+        phi, aux = jax.lax.scan(step, phi0, idx.reshape(n_steps, n // cfg.n_minibatches))
+        return phi, aux
 
-    def project(state, obs, target):
-        old = state.params
-        fit_loss = lambda p: gaussian_kl(*target, *policy.dist(p, obs), mask)
+    def project(params, obs, phi):
+        """The policy whose distribution is exactly `phi` (the GNN fitted as well as it can)."""
+        target = jnp.where(mask, phi["mean"], 0.0)
+
+        def fit_loss(g):
+            return jnp.sum(jnp.where(mask, jnp.square(policy.prior(g, obs)[0] - target), 0.0))
 
         def fit_step(carry, _):
-            params, opt_state = carry
-            loss, grads = jax.value_and_grad(fit_loss)(params)
-            updates, opt_state_new = fit_tx.update(grads, opt_state, params)
+            g, opt_state = carry
+            loss, grads = jax.value_and_grad(fit_loss)(g)
+            updates, opt_state = fit_tx.update(grads, opt_state, g)
             ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-            new = jax.tree.map(lambda a, b: jnp.where(ok, a, b),
-                               optax.apply_updates(params, updates), params)  # fmt: skip
-            return (new, opt_state_new), loss
+            g = jax.tree.map(lambda a, b: jnp.where(ok, a, b), optax.apply_updates(g, updates), g)
+            return (g, opt_state), loss
 
-        (fitted, _), _ = jax.lax.scan(fit_step, (old, fit_tx.init(old)), None, cfg.fit_steps)
-        blend = lambda a: jax.tree.map(lambda o, f: o + a * (f - o), old, fitted)
-        scales = jnp.asarray((1.0,) + SCALES[1:] + (0.0,), jnp.float32)
-        parts = jax.vmap(lambda a: jnp.stack(policy.kl_parts(old, blend(a), obs)))(scales)
-        ok = within(parts) & jnp.all(jnp.isfinite(parts), axis=-1)
-        alpha = scales[jnp.argmax(ok)]  # 0.0 always fits: the old policy
-        return blend(alpha), alpha
+        g0 = params["gnn"]
+        (g, _), _ = jax.lax.scan(fit_step, (g0, fit_tx.init(g0)), None, cfg.fit_steps)
+        g = jax.tree.map(lambda x: x, g)
+        g["params"] = dict(g["params"], log_std=phi["log_std"])
+        correction = jnp.where(mask, target - policy.prior(g, obs)[0], 0.0)
+        return {"gnn": g, "correction": correction}
 
     def update(state: agent_lib.AgentState, obs, actions, log_prob, reward, key):
         chex.assert_rank([log_prob, reward], 1)
@@ -425,16 +415,16 @@ def make_bandit_update(policy: MixturePolicy, config: Any = None) -> Callable:
         if n % cfg.n_minibatches:
             raise ValueError(f"n_minibatches={cfg.n_minibatches} must divide the {n} samples")
         valid = jnp.isfinite(reward) & jnp.all(jnp.isfinite(actions), axis=(1, 2))
+        actions = jnp.where(valid[:, None, None], actions, 0.0)
         adv = advantages(reward, valid, cfg.baseline)
         old = state.params
         old_dist = policy.dist(old, obs)
-        target, nan, aux = improve(old_dist, jnp.where(valid[:, None, None], actions, 0.0),
-                                   log_prob, adv, valid, key)  # fmt: skip
-        params, alpha = project(state, obs, target)
+        phi, aux = improve(old_dist, old["gnn"]["params"]["log_std"], actions, log_prob, adv,
+                           valid, key)  # fmt: skip
+        params = project(old, obs, phi)
         learn = jnp.sum(valid) >= 2  # an advantage needs two scored samples
         params = jax.tree.map(lambda a, b: jnp.where(learn, a, b), params, old)
-        nan = nan | jnp.any(jnp.isfinite(reward) & ~valid)
-        new_lp = policy.log_prob(params, obs, jnp.where(valid[:, None, None], actions, 0.0))
+        new_lp = policy.log_prob(params, obs, actions)
         log_ratio = jnp.where(valid, new_lp - log_prob, 0.0)
         w = valid.astype(jnp.float32)
         k3 = jnp.sum((jnp.exp(log_ratio) - 1 - log_ratio) * w) / jnp.maximum(jnp.sum(w), 1.0)
@@ -442,21 +432,21 @@ def make_bandit_update(policy: MixturePolicy, config: Any = None) -> Callable:
         r = jnp.where(valid, reward, 0.0)
         r_mean = jnp.sum(r * w) / jnp.maximum(jnp.sum(w), 1.0)
         kl_mean, kl_std = policy.kl_parts(old, params, obs)
+        prior_mean = policy.prior(params["gnn"], obs)[0]
         metrics = {
             "kl": policy.kl(old, params, obs),
             "kl_mean": kl_mean,
             "kl_std": kl_std,
             "kl_k3": k3,
-            "kl_fit": gaussian_kl(*target, *policy.dist(params, obs), mask),
+            "prior_fit": jnp.sum(jnp.where(mask, jnp.square(params["correction"]), 0.0))
+            / jnp.maximum(jnp.sum(jnp.where(mask, jnp.square(prior_mean + params["correction"]),
+                                            0.0)), 1e-12),  # fmt: skip
             "clip_frac": jnp.mean(aux["clip_frac"]),
             "pg_loss": jnp.mean(aux["pg_loss"]),
             "entropy": policy.entropy(params, obs),
             "std_mean": jnp.sum(jnp.exp(log_std) * mask) / max(policy.n_dims, 1),
-            "accepted_steps": jnp.sum(aux["accepted"]).astype(jnp.int32),
             "steps": jnp.int32(n_steps),
-            "step_scale": jnp.mean(aux["step_scale"]),
-            "line_search": alpha,
-            "nan_skipped": nan.astype(jnp.int32),
+            "nan_skipped": jnp.any(~valid & jnp.isfinite(reward)).astype(jnp.int32),
             "reward_mean": r_mean,
             "reward_std": jnp.sqrt(jnp.sum(jnp.square(r - r_mean) * w) / jnp.maximum(jnp.sum(w), 1)),
         }

@@ -84,7 +84,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.search.policy_from = ""  # a workdir whose trained policy starts this search (transfer)
 
     c.bandit = ml_collections.ConfigDict()  # the mixture head's contextual-bandit PPO update
-    c.bandit.lr = 0.1  # Adam on the Gaussian's own parameters (the improvement step)
+    c.bandit.lr = 1.0  # natural-gradient step size of the improvement (sculpt_jax.bandit)
     c.bandit.epochs = 8
     c.bandit.minibatches = 1
     c.bandit.clip = 0.2
@@ -92,8 +92,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.bandit.target_kl_std = 0.05  # ... and on its std part
     c.bandit.entropy_coef = 0.0
     c.bandit.baseline = "loo"  # loo (leave-one-out) | mean | rank (centred ranks)
-    c.bandit.max_grad_norm = 1.0
-    c.bandit.fit_lr = 0.01  # Adam on the GNN's params when projecting the improved policy
+    c.bandit.fit_lr = 0.01  # Adam on the GNN's params when fitting its mean to the improved one
     c.bandit.fit_steps = 64
     c.bandit.min_std = 0.05
     c.bandit.cem_elite = 0.25  # method cem: elite fraction

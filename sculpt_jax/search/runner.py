@@ -289,7 +289,8 @@ def run_search(
                 else f"{record['best_reduction']:.3f}",
             )  # fmt: skip
             if record.get("nan_skipped"):
-                log.warning("iteration %d: non-finite PPO loss, update skipped", it + 1)
+                log.warning("iteration %d: a non-finite loss or sample was skipped in the policy "
+                            "update", it + 1)
     finally:
         bar.close()
         checkpointer.wait()
