@@ -21,7 +21,9 @@ constant ratio), so every filter's pattern only grows more aggressive with lambd
 R(lambda) is a non-decreasing step function: a bisection on lambda brackets the target between two
 adjacent steps and the closer one is returned. The dither ``u_l`` (golden-ratio sequence over the
 layers) makes layers with equal widths and logits step at different lambdas, so one step moves one
-layer by one filter, far below the default 0.5 percentage-point tolerance on real models.
+layer by one filter, far below the default 0.5 percentage-point tolerance on real models; when a
+step still moves several layers, the layers are switched from the lower to the upper side one at
+a time and the intermediate closest to the target is kept.
 
 Score proposals (`Decoder.decode_scores`): one score per action node; nodes below a threshold are
 removed (the library's remove pattern, where valid), the threshold found by the same bisection.
@@ -172,6 +174,7 @@ def make_decoder(
     dither = np.mod(0.5 + _GOLDEN * np.arange(n_layers), 1.0).astype(np.float32)
     bracket = default_bracket(lib)
     nodes_j, layer_j, rank_j = (jnp.asarray(a) for a in _placement(spec, order))
+    node_layer_np = np.asarray(spec.node_layer)  # -1 off the action nodes (never switched)
     measure = _measure_fn(spec, lib, params_shapes)
     key = _MEASURE_KEY[kind]
     valid_j = jnp.asarray(layer_valid)
@@ -207,11 +210,17 @@ def make_decoder(
 
         init = (jnp.float32(lo), jnp.float32(hi), reduction(lo), reduction(hi))
         lo, hi, r_lo, r_hi = jax.lax.fori_loop(0, iterations, body, init)
-        x = jnp.where(target - r_lo <= r_hi - target, lo, hi)
-        ids = ids_of(x)
+        # Repair a step that moved several layers at once: apply the hi side's ids to the lo
+        # side one layer at a time (layers 0..k) and keep the intermediate closest to the target.
+        ids_lo, ids_hi = ids_of(lo), ids_of(hi)
+        prefix = jnp.arange(n_layers)[:, None] >= jnp.asarray(node_layer_np)[None, :]
+        cands = jnp.concatenate([ids_lo[None], jnp.where(prefix, ids_hi[None], ids_lo[None])])
+        reds = jax.vmap(lambda i: measure(i)[key])(cands)
+        pick = jnp.argmin(jnp.abs(reds - target))
+        ids = cands[pick]
         info = measure(ids)
         red = info[key]
-        return ids, dict(info, reduction=red, shift=x,
+        return ids, dict(info, reduction=red, shift=jnp.where(pick == n_layers, hi, lo),
                          on_budget=jnp.abs(red - target) <= tolerance)  # fmt: skip
 
     def decode(proposal):
