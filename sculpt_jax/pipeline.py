@@ -286,9 +286,10 @@ def search_target(cfg) -> tuple[float, str]:
     return float(sc.target_flops), ("flops" if sc.flops_kind == "true" else "reference")
 
 
-def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
-    """Traces the model, builds the observation graph, the budget-exact decoder and the
-    environment (host, once). Bad targets and sizes fail here, before any evaluation."""
+def _decoder_for(cfg, s: Setup, variables):
+    """(LayerGraph, GraphSpec, importance order, budget-exact decoder) of the model (host, once).
+    Raises ValueError for a target pruning cannot reach or a tolerance the model is too coarse
+    for: neither depends on the weights, so `check_search` runs this on the initial ones."""
     sc = cfg.search
     lib = pat.get_library(sc.library)
     x = jnp.zeros((1, *s.input_shape), jnp.uint8)
@@ -298,6 +299,8 @@ def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
         raise ValueError(f"model {cfg.model!r} has nothing the {lib.name!r} library can prune")
     spec = graph_lib.build_graph_spec(lg, n_patterns=lib.n_patterns, valid=valid, level=sc.level)
     order = np.asarray(graph_lib.importance_order(spec, variables))
+    if _legacy(cfg):  # the reference's band rule: no decoder
+        return lg, spec, order, None
     target, kind = search_target(cfg)
     decoder = decode_lib.make_decoder(
         spec, order, lib, target=target, tolerance=sc.get("tolerance", 0.005), kind=kind,
@@ -310,6 +313,29 @@ def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
             f"reduction the uniform allocation reaches is {float(first['reduction']):.4f} for the "
             f"target {target}; raise --config.search.tolerance"
         )
+    return lg, spec, order, decoder
+
+
+def _legacy(cfg) -> bool:
+    """True for the legacy band-rule heads (and AutoCompress), which do not use the decoder."""
+    sc = cfg.search
+    return sc.method == "autocompress" or (sc.method == "ppo" and sc.head != "mixture")
+
+
+def check_search(cfg, s: Setup) -> None:
+    """Fails fast (before pretraining) on a search budget the model cannot meet."""
+    if _legacy(cfg):
+        return
+    _decoder_for(cfg, s, s.init_variables)
+    split_validation(cfg, s.splits.val.arrays[1])
+
+
+def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
+    """Traces the model, builds the observation graph, the budget-exact decoder and the
+    environment (host, once). Bad targets and sizes fail here, before any evaluation."""
+    sc = cfg.search
+    lib = pat.get_library(sc.library)
+    lg, spec, order, decoder = _decoder_for(cfg, s, variables)
     v_imgs, v_labs = s.splits.val.arrays
     r_idx, h_idx = split_validation(cfg, v_labs)
     r_imgs, r_labs = v_imgs[r_idx], v_labs[r_idx]
@@ -333,7 +359,7 @@ def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
     )  # fmt: skip
     env = make(r_imgs, r_labs)
     n_sens = 0
-    if sc.get("sensitivity", False):
+    if sc.get("sensitivity", False) and decoder is not None:
         feats = sensitivity_features(env, decoder)
         env, n_sens = make(r_imgs, r_labs, feats), lg.n_layers
     held = (v_imgs[h_idx], v_labs[h_idx]) if len(h_idx) else ()
@@ -401,8 +427,7 @@ def bandit_config(cfg) -> dict:
     b = cfg.bandit
     return dict(lr=b.lr, n_epochs=b.epochs, n_minibatches=b.minibatches, clip_eps=b.clip,
                 target_kl=b.target_kl, target_kl_std=b.target_kl_std, ent_coef=b.entropy_coef,
-                baseline=b.baseline, max_grad_norm=b.max_grad_norm, fit_lr=b.fit_lr,
-                fit_steps=b.fit_steps)  # fmt: skip
+                baseline=b.baseline, fit_lr=b.fit_lr, fit_steps=b.fit_steps)  # fmt: skip
 
 
 def ppo_config(cfg) -> dict:
@@ -461,14 +486,16 @@ def load_policy(path: str, cfg, ss: SearchSetup, policy):
             f"the policy in {cand} cannot start this search ({diff}); use the same head, pattern "
             "library, features and --config.ppo sizes as the run that trained it"
         )
-    like = _abstract(policy.init(jax.random.PRNGKey(0)))
-    params = ckpt.load_pytree(os.path.join(cand, "params"), like=like)
+    fresh = policy.init(jax.random.PRNGKey(0))
+    gnn = ckpt.load_pytree(os.path.join(cand, "params"), like=_abstract(fresh["gnn"]))
+    params = dict(fresh, gnn=gnn)  # the GNN transfers; this model's own correction starts at 0
     return policy._replace(init=lambda key, obs=None: params), cand
 
 
 def save_policy(path: str, cfg, ss: SearchSetup, params) -> None:
-    """Writes a trained mixture policy (params + policy.json) for `--policy-from`."""
-    ckpt.save_pytree(os.path.join(path, "params"), params)
+    """Writes a trained mixture policy's GNN (the part that does not depend on the model's size)
+    and policy.json, for `--policy-from`."""
+    ckpt.save_pytree(os.path.join(path, "params"), params["gnn"])
     ckpt.save_json(os.path.join(path, "policy.json"), _policy_meta(cfg, ss))
 
 
@@ -491,13 +518,14 @@ def prune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=Non
     """Runs (or resumes) the configured search and writes best.json + candidate pattern ids."""
     s = s or setup(cfg)
     if variables is None:
+        check_search(cfg, s)
         variables = pretrain(cfg, s=s)["variables"]
     sc = cfg.search
     ss = make_search_setup(cfg, s, variables)
     wd = os.path.abspath(os.path.join(cfg.workdir, "search"))
     if sc.method == "autocompress":
         return _prune_autocompress(cfg, s, variables, ss, wd, overwrite)
-    legacy = sc.method == "ppo" and sc.head != "mixture"
+    legacy = _legacy(cfg)
     policy, agent_cfg, policy_src = None, bandit_config(cfg), None
     if legacy:
         policy, agent_cfg = runner.policy_for(ss.env, sc.head, variables, cfg.ppo), ppo_config(cfg)
@@ -756,6 +784,7 @@ def run(cfg, *, overwrite: bool = False) -> dict:
     s = setup(cfg)
     _save_config(cfg, os.path.abspath(cfg.workdir))
     log.info("data: %s", s.splits.summary() if hasattr(s.splits, "summary") else s.splits.name)
+    check_search(cfg, s)
     pre = pretrain(cfg, overwrite=overwrite, s=s)
     t_pre = time.perf_counter() - t0
     searched = prune(cfg, overwrite=overwrite, s=s, variables=pre["variables"])

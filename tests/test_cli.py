@@ -49,6 +49,15 @@ def test_info_json_reports_exact_counts(capsys):
         (["pretrain", "--model", "vit_b16", "--workdir", "{tmp}"], "cannot take digits inputs"),
         (["run", "--workdir", "{tmp}", "--config.report.compact_align=-1"],
          "report.compact_align must be an int >= 0"),
+        (["prune", "--target-flops", "0.999", "--model", "resnet8_tiny", "--workdir", "{tmp}"],
+         "is not reachable"),
+        (["prune", "--tolerance", "0", "--workdir", "{tmp}"], "search.tolerance must be in (0, 1)"),
+        (["prune", "--model", "resnet8_tiny", "--workdir", "{tmp}", "--tolerance", "0.0001"],
+         "too coarse for search.tolerance"),
+        (["run", "--workdir", "{tmp}", "--config.search.heldout_size=400"],
+         "do not fit in the validation split"),
+        (["run", "--workdir", "{tmp}", "--config.bandit.minibatches=3"],
+         "bandit.minibatches >= 1 dividing"),
     ],
 )  # fmt: skip
 def test_bad_input_gives_one_clear_error(argv, message, tmp_path, capsys):
@@ -56,6 +65,14 @@ def test_bad_input_gives_one_clear_error(argv, message, tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err, err
+
+
+def test_bad_budgets_fail_before_pretraining(tmp_path, capsys):
+    wd = tmp_path / "w"
+    assert cli.main(["run", "--model", "resnet8_tiny", "--workdir", str(wd), "--target-flops",
+                     "0.999", "--quiet"]) == 2  # fmt: skip
+    assert "is not reachable" in capsys.readouterr().err
+    assert not (wd / "pretrain").exists(), "the check must come before any training"
 
 
 def test_unknown_config_key_is_rejected(capsys):
@@ -86,6 +103,27 @@ def test_main_job_smoke_end_to_end(tmp_path, capsys):
     assert 0 < row["pretrain_epoch_seconds"] and 0 < row["finetune_epoch_seconds"]
     ids = json.load(open(os.path.join(wd, "export", "pattern_ids.json")))
     assert set(ids["head"]) == {5}, "the classifier head must never be pruned (it deletes classes)"
+    best = json.load(open(os.path.join(wd, "search", "best.json")))
+    assert best["tolerance"] == 0.05 and best["in_band_rate"] == 1.0
+    held = [c["heldout_accuracy"] for c in best["candidates"]]
+    assert held == sorted(held, reverse=True) and all(0.0 <= h <= 1.0 for h in held)
+    assert 0.0 <= row["heldout_accuracy_before_finetune"] <= 1.0
+
+    # The trained policy was saved; another search starts from it, an incompatible one is refused.
+    assert os.path.exists(os.path.join(wd, "search", "policy", "policy.json"))
+    wd2 = str(tmp_path / "warm")
+    warm = ["prune", "--workdir", wd2, "--checkpoint", wd, "--policy-from", wd, *SMOKE]
+    assert cli.main(warm) == 0
+    assert json.load(open(os.path.join(wd2, "search", "best.json")))["policy_from"].endswith(
+        os.path.join("search", "policy"))
+    capsys.readouterr()
+    bad = ["prune", "--workdir", str(tmp_path / "bad"), "--checkpoint", wd, "--policy-from", wd,
+           *SMOKE, "--config.ppo.hidden=8"]  # fmt: skip
+    assert cli.main(bad) == 2
+    assert "cannot start this search (hidden: saved 16 vs here 8)" in capsys.readouterr().err
+    assert cli.main(["prune", "--workdir", str(tmp_path / "none"), "--checkpoint", wd,
+                     "--policy-from", str(tmp_path), *SMOKE]) == 2  # fmt: skip
+    assert "no trained policy" in capsys.readouterr().err
 
     # The export loads back without the search and evaluates to the same accuracy, pruned = 0.
     from sculpt_jax import config as config_lib

@@ -204,7 +204,7 @@ SEARCHED = {
     "summary": {
         "method": "ppo", "target_flops_reduction": 0.5, "band": 0.05, "flops_kind": "true",
         "n_evals": 6, "n_in_band": 3,
-        "candidates": [{"search_val_accuracy": 0.65, "flops_reduction": 0.50,
+        "candidates": [{"search_val_accuracy": 0.65, "heldout_accuracy": 0.62, "flops_reduction": 0.50,
                         "reference_formula_reduction": 0.71, "params_reduction": 0.44,
                         "seed": 0, "rank": 0}],
     },
@@ -233,7 +233,7 @@ def test_write_run_report_writes_tables_and_pngs(tmp_path):
     assert "test split was evaluated once" in md
     assert "pruned_weights_exactly_zero = True" in md
     assert '"target_flops": 0.5' in md  # the config is embedded
-    assert "| 0 | 65.00% | 50.00% | 71.00% | 44.00% | 0 |" in md  # the kept candidate
+    assert "| 0 | 65.00% | 62.00% | 50.00% | 71.00% | 44.00% | 0 |" in md  # the kept candidate
     results = json.loads((rep / "results.json").read_text())
     assert results["row"] == ROW
     assert results["search"]["n_in_band"] == 3
