@@ -13,6 +13,12 @@ without budget-dependent schedules (ppo, random, uniform, cem) read the smaller 
 at the largest. Prints a table per budget with the default method's margin over random and uniform
 in standard errors, and writes ``--json PATH``.
 
+Part "halving": successive halving's first stage against full scoring on --halving-candidates
+random proposals (the policy's initial distribution): Spearman rank correlation of the first-stage
+and the full reward-set accuracies, how many of the true top --halving-keep fraction the first
+stage promotes, and evaluations/s of `env.evaluate_staged` vs `env.evaluate` (N per call, median
+of 3 calls after a compiling one).
+
 Part "throughput": ResNet-56 (random weights), a synthetic 32x32x3 reward set of --reward-size
 images (5,000 is the reference's). For each N in --n-envs: candidate evaluations/s and seconds per
 legacy PPO iteration (T = --n-steps rollout steps x N envs + the PPO update, one compiled call),
@@ -22,6 +28,7 @@ rebuilt), measured in the same run, and ratios. Then `EnvConfig(eval_mode=...)` 
 
     python benchmarks/search.py --part quality --dataset digits --seeds 3 --budgets 96
     python benchmarks/search.py --part quality --pretrained runs/r20_c10 --seeds 5 --budgets 128 512
+    python benchmarks/search.py --part halving --pretrained runs/r20_c10 --halving-images 512
     python benchmarks/search.py --part throughput --n-envs 1 8 32 --n-steps 8 --reward-size 5000
 """
 
@@ -50,7 +57,7 @@ ONE_RUN = ("ppo", "random", "uniform", "cem")  # no schedule depends on the budg
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["all", "quality", "throughput"], default="all")
+    p.add_argument("--part", choices=["all", "quality", "halving", "throughput"], default="all")
     q = p.add_argument_group("quality")
     q.add_argument("--model", default="resnet20")
     q.add_argument("--dataset", default="auto", help="auto (CIFAR-10 folder if present, else "
@@ -76,6 +83,7 @@ def parse(argv=None):
     q.add_argument("--finetune-images", type=int, default=-1, help="training images (-1: all)")
     q.add_argument("--workdir", default="", help="default: a fresh temp dir")
     q.add_argument("--json", default="", help="write the quality results here")
+    q.add_argument("--halving-candidates", type=int, default=64, help="part halving: proposals")
     t = p.add_argument_group("throughput")
     t.add_argument("--t-model", default="resnet56")
     t.add_argument("--reward-size", type=int, default=256, help="synthetic reward-set images")
@@ -182,7 +190,7 @@ def quality(a) -> dict:
         policy = pipeline.mixture_policy(cfg, ss) if m == "ppo" else None
         runs = [(budgets[-1], budgets)] if m in ONE_RUN else [(b, [b]) for b in budgets]
         rows = {b: {"best_in_band_acc": [], "heldout_acc": [], "in_band": [], "seconds": [],
-                    "finetuned_test_acc": []} for b in budgets}  # fmt: skip
+                    "finetuned_test_acc": [], "curve": []} for b in budgets}  # fmt: skip
         for seed in range(a.seeds):
             for top, reads in runs:
                 t = time.perf_counter()
@@ -206,6 +214,7 @@ def quality(a) -> dict:
                                             if best else float("nan"))  # fmt: skip
                     r["in_band"].append(res.history[it - 1]["n_in_band"] / b)
                     r["seconds"].append(secs * b / top)
+                    r["curve"].append([h.get("reward_mean") for h in res.history[:it]])
                     if a.finetune_epochs > 0 and best:
                         r["finetuned_test_acc"].append(
                             _finetune(cfg, s, variables, ss, best[0], a, seed))
@@ -214,13 +223,19 @@ def quality(a) -> dict:
             entry = {"best_in_band_acc": r["best_in_band_acc"], "heldout_acc": r["heldout_acc"],
                      "in_band_rate": float(np.mean(r["in_band"])),
                      "evaluations": int(b + ss.sensitivity_evals),
-                     "seconds_per_seed": float(np.mean(r["seconds"]))}  # fmt: skip
+                     "seconds_per_seed": float(np.mean(r["seconds"])),
+                     # the mean reward of each iteration's proposals (on budget: the accuracy),
+                     # averaged over seeds: a method that learns raises it
+                     "mean_reward_by_iteration": np.nanmean(np.asarray(r["curve"], np.float64),
+                                                            axis=0).tolist()}  # fmt: skip
             if r["finetuned_test_acc"]:
                 entry["finetuned_test_acc"] = r["finetuned_test_acc"]
             out["by_budget"][str(b)]["methods"][m] = entry
             print(f"budget {b:4d} {m:>9}: best on-budget val acc {_mean_std(r['best_in_band_acc'])}"
                   f"  held-out {_mean_std(r['heldout_acc'])}  in-band {entry['in_band_rate']:.3f}"
-                  f"  {entry['seconds_per_seed']:.0f}s/seed"
+                  f"  {entry['seconds_per_seed']:.0f}s/seed  mean reward it 1 -> last "
+                  f"{entry['mean_reward_by_iteration'][0]:.3f} -> "
+                  f"{entry['mean_reward_by_iteration'][-1]:.3f}"
                   + (f"  fine-tuned test {_mean_std(r['finetuned_test_acc'])}"
                      if r["finetuned_test_acc"] else ""), flush=True)  # fmt: skip
     d = out["default_method"]
@@ -239,6 +254,61 @@ def quality(a) -> dict:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)
         print(f"# wrote {a.json}")
+    return out
+
+
+def halving(a) -> dict:
+    from scipy.stats import spearmanr
+
+    from sculpt_jax import env as env_lib
+    from sculpt_jax import pipeline
+    from sculpt_jax.search import propose
+
+    cfg, ds = quality_config(a)
+    if cfg.search.halving_images <= 0:
+        raise SystemExit("--part halving needs --halving-images > 0")
+    s = pipeline.setup(cfg)
+    variables = pipeline.pretrain(cfg, s=s)["variables"]
+    ss = pipeline.make_search_setup(cfg, s, variables)
+    full = ss.env
+    n_first = -(-cfg.search.halving_images // full.config.eval_batch_size)
+    n_first *= min(full.config.eval_batch_size, len(ss.reward[1]))
+    first = env_lib.make_env(s.apply_fn, variables, ss.spec, ss.reward[0][:n_first],
+                             ss.reward[1][:n_first], library=ss.library, calib_images=ss.calib,
+                             config=full.config)  # fmt: skip
+    pcfg = propose.ProposalConfig(n_envs=a.q_envs, **pipeline.proposal_config(cfg))
+    method = propose.make_method("random", ss.decoder, pcfg)
+    keys = jax.random.split(jax.random.PRNGKey(0), -(-a.halving_candidates // a.q_envs))
+    props = jnp.concatenate([method.propose({}, None, k, 0)[0] for k in keys])
+    ids, _ = jax.jit(jax.vmap(ss.decoder.decode))(props)
+    ev_full, ev_first = jax.jit(full.evaluate), jax.jit(first.evaluate)
+    acc_full = np.concatenate([np.asarray(ev_full(full.consts, ids[i:i + a.q_envs])["accuracy"])
+                               for i in range(0, len(ids), a.q_envs)])  # fmt: skip
+    acc_first = np.concatenate([np.asarray(ev_first(first.consts, ids[i:i + a.q_envs])["accuracy"])
+                                for i in range(0, len(ids), a.q_envs)])  # fmt: skip
+    rho = float(spearmanr(acc_first, acc_full).statistic)
+    k = max(1, int(np.ceil(cfg.search.halving_keep * len(ids))))
+    recall = len(set(np.argsort(-acc_first)[:k]) & set(np.argsort(-acc_full)[:k])) / k
+    staged = jax.jit(full.evaluate_staged)
+    batch = ids[: a.q_envs]
+    rate = {}
+    for name, fn in (("full", lambda: ev_full(full.consts, batch)),
+                     ("staged", lambda: staged(full.consts, batch))):  # fmt: skip
+        jax.block_until_ready(fn())
+        rate[name] = a.q_envs / time_fn(lambda fn=fn: jax.block_until_ready(fn()), warmup=0,
+                                        repeats=3)  # fmt: skip
+    out = {"command": " ".join(sys.argv), "machine": machine(), "dataset": ds,
+           "reward_images": int(len(ss.reward[1])), "first_stage_images": int(n_first),
+           "keep": cfg.search.halving_keep, "candidates": int(len(ids)), "spearman": rho,
+           "top_recall": recall, "evals_per_s_full": rate["full"],
+           "evals_per_s_staged": rate["staged"], "speedup": rate["staged"] / rate["full"]}  # fmt: skip
+    print(f"halving: {len(ids)} random proposals, first stage {n_first} of {len(ss.reward[1])} "
+          f"reward images, keep {cfg.search.halving_keep}: Spearman {rho:.3f}, top-{k} recall "
+          f"{recall:.3f}; evals/s full {rate['full']:.3f}, staged {rate['staged']:.3f} "
+          f"(x{out['speedup']:.2f})", flush=True)  # fmt: skip
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
     return out
 
 
@@ -367,6 +437,8 @@ def main(argv=None) -> None:
     header("search quality and throughput")
     if a.part in ("all", "quality"):
         quality(a)
+    if a.part == "halving":
+        halving(a)
     if a.part in ("all", "throughput"):
         throughput(a)
 
