@@ -22,8 +22,9 @@ R(lambda) is a non-decreasing step function: a bisection on lambda brackets the 
 adjacent steps and the closer one is returned. The dither ``u_l`` (golden-ratio sequence over the
 layers) makes layers with equal widths and logits step at different lambdas, so one step moves one
 layer by one filter, far below the default 0.5 percentage-point tolerance on real models; when a
-step still moves several layers, the layers are switched from the lower to the upper side one at
-a time and the intermediate closest to the target is kept.
+step still moves several filters at once, they are switched from the lower side's pattern to the
+upper side's one at a time (a second bisection, on how many are switched), so the result is within
+half of one filter's pattern change of the target.
 
 Score proposals (`Decoder.decode_scores`): one score per action node; nodes below a threshold are
 removed (the library's remove pattern, where valid), the threshold found by the same bisection.
@@ -174,7 +175,11 @@ def make_decoder(
     dither = np.mod(0.5 + _GOLDEN * np.arange(n_layers), 1.0).astype(np.float32)
     bracket = default_bracket(lib)
     nodes_j, layer_j, rank_j = (jnp.asarray(a) for a in _placement(spec, order))
-    node_layer_np = np.asarray(spec.node_layer)  # -1 off the action nodes (never switched)
+    n_act = int(len(np.asarray(order)))
+    pos = np.full(spec.n_nodes, n_act, np.int32)  # node -> its place in the placement order
+    pos[np.asarray(order, np.int64)] = np.arange(n_act, dtype=np.int32)
+    pos_j = jnp.asarray(pos)
+    k_iterations = max(1, int(np.ceil(np.log2(n_act + 1))) + 1)
     measure = _measure_fn(spec, lib, params_shapes)
     key = _MEASURE_KEY[kind]
     valid_j = jnp.asarray(layer_valid)
@@ -210,17 +215,28 @@ def make_decoder(
 
         init = (jnp.float32(lo), jnp.float32(hi), reduction(lo), reduction(hi))
         lo, hi, r_lo, r_hi = jax.lax.fori_loop(0, iterations, body, init)
-        # Repair a step that moved several layers at once: apply the hi side's ids to the lo
-        # side one layer at a time (layers 0..k) and keep the intermediate closest to the target.
+        # Repair a step that moved several filters at once: switch the filters from the lo side's
+        # pattern to the hi side's one at a time, in placement order. Every switch only prunes
+        # more, so the reduction is monotone in the number switched: bisect on it, keep the closer.
         ids_lo, ids_hi = ids_of(lo), ids_of(hi)
-        prefix = jnp.arange(n_layers)[:, None] >= jnp.asarray(node_layer_np)[None, :]
-        cands = jnp.concatenate([ids_lo[None], jnp.where(prefix, ids_hi[None], ids_lo[None])])
-        reds = jax.vmap(lambda i: measure(i)[key])(cands)
-        pick = jnp.argmin(jnp.abs(reds - target))
-        ids = cands[pick]
+
+        def switched(k):
+            return jnp.where(pos_j < k, ids_hi, ids_lo)
+
+        def k_body(_, carry):
+            k_lo, k_hi = carry
+            mid = (k_lo + k_hi) // 2
+            below = measure(switched(mid))[key] <= target
+            return jnp.where(below, mid, k_lo), jnp.where(below, k_hi, mid)
+
+        k_lo, k_hi = jax.lax.fori_loop(0, k_iterations, k_body, (jnp.int32(0), jnp.int32(n_act)))
+        ids_a, ids_b = switched(k_lo), switched(k_hi)
+        r_a, r_b = measure(ids_a)[key], measure(ids_b)[key]
+        take_b = jnp.abs(r_b - target) < jnp.abs(r_a - target)
+        ids = jnp.where(take_b, ids_b, ids_a)
         info = measure(ids)
         red = info[key]
-        return ids, dict(info, reduction=red, shift=jnp.where(pick == n_layers, hi, lo),
+        return ids, dict(info, reduction=red, shift=jnp.where(take_b & (k_hi == n_act), hi, lo),
                          on_budget=jnp.abs(red - target) <= tolerance)  # fmt: skip
 
     def decode(proposal):
