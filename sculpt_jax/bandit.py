@@ -244,8 +244,8 @@ class BanditConfig:
     n_epochs: int = 8
     n_minibatches: int = 1
     clip_eps: float = 0.2
-    target_kl: float = 0.5
-    target_kl_std: float = 0.05
+    target_kl: float = 20.0
+    target_kl_std: float = 2.0
     ent_coef: float = 0.0
     baseline: str = "loo"
     fit_lr: float = 0.01
