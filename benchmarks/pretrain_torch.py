@@ -174,8 +174,21 @@ def main(argv=None) -> None:
         model.train()
         return correct / len(vx)
 
-    best, best_state, history = -1.0, None, []
-    for epoch in range(a.epochs):
+    best, best_state, history, start = -1.0, None, [], 0
+    state_path = os.path.join(wd, "torch_state.pt")  # written every epoch: a killed run resumes
+    if os.path.exists(state_path):
+        st = torch.load(state_path, weights_only=False)
+        if st["args"] != vars(a):
+            raise SystemExit(f"{state_path} was written with other arguments ({st['args']}); "
+                             "use another --workdir or delete it")  # fmt: skip
+        net.load_state_dict(st["net"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        rng.bit_generator.state = st["rng"]
+        torch.set_rng_state(st["torch_rng"])
+        best, best_state, history, start = st["best"], st["best_state"], st["history"], st["epoch"]
+        print(f"# resuming after epoch {start} (best val {best:.4f})", flush=True)
+    for epoch in range(start, a.epochs):
         t0 = time.perf_counter()
         perm = rng.permutation(len(tx))
         for i in range(len(tx) // a.batch_size):
@@ -192,6 +205,11 @@ def main(argv=None) -> None:
         if acc > best:
             best = acc
             best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        torch.save({"args": vars(a), "net": net.state_dict(), "opt": opt.state_dict(),
+                    "sched": sched.state_dict(), "rng": rng.bit_generator.state,
+                    "torch_rng": torch.get_rng_state(), "best": best, "best_state": best_state,
+                    "history": history, "epoch": epoch + 1}, state_path + ".tmp")  # fmt: skip
+        os.replace(state_path + ".tmp", state_path)
     net.load_state_dict(best_state)
     variables = to_flax(net, n)
     apply_fn = make_apply_fn(get_model(a.model, num_classes=splits.num_classes), splits.mean,

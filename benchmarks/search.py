@@ -29,7 +29,7 @@ rebuilt), measured in the same run, and ratios. Then `EnvConfig(eval_mode=...)` 
     python benchmarks/search.py --part quality --dataset digits --seeds 3 --budgets 96
     python benchmarks/search.py --part quality --pretrained runs/r20_c10 --seeds 5 --budgets 128 512
     python benchmarks/search.py --part halving --pretrained runs/r20_c10 --halving-images 512
-    python benchmarks/search.py --part throughput --n-envs 1 8 32 --n-steps 8 --reward-size 5000
+    python benchmarks/search.py --part throughput --t-envs 1 8 32 --n-steps 8 --reward-size 5000
 """
 
 from __future__ import annotations
@@ -76,6 +76,8 @@ def parse(argv=None):
     q.add_argument("--budgets", nargs="+", type=int, default=[96])
     q.add_argument("--n-envs", dest="q_envs", type=int, default=16, help="N per call")
     q.add_argument("--seeds", type=int, default=3)
+    q.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. +seeds-1 "
+                   "(confirm a setting tuned on some seeds on fresh ones)")  # fmt: skip
     q.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     q.add_argument("--sensitivity", action="store_true", help="add the sensitivity feature")
     q.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE")
@@ -124,7 +126,9 @@ def quality_config(a):
         ds = "cifar10-folder" if os.path.exists(CIFAR) else "digits"
     cfg = get_default_config()
     cfg.model = a.model
-    cfg.dataset, cfg.data_dir = ("folder", CIFAR) if ds == "cifar10-folder" else ("digits", "")
+    # "cifar10" reads the JPEG tarball with the canonical CIFAR-10 normalisation, the same split
+    # and constants as benchmarks/pretrain_torch.py (the "folder" loader computes its own)
+    cfg.dataset, cfg.data_dir = ("cifar10", CIFAR) if ds == "cifar10-folder" else ("digits", "")
     cfg.val_size = a.val_size if a.val_size > 0 else (400 if ds == "digits" else 5000)
     cfg.progress = False
     cfg.workdir = a.workdir or tempfile.mkdtemp(prefix="bench_search_")
@@ -191,7 +195,7 @@ def quality(a) -> dict:
         runs = [(budgets[-1], budgets)] if m in ONE_RUN else [(b, [b]) for b in budgets]
         rows = {b: {"best_in_band_acc": [], "heldout_acc": [], "in_band": [], "seconds": [],
                     "finetuned_test_acc": [], "curve": []} for b in budgets}  # fmt: skip
-        for seed in range(a.seeds):
+        for seed in range(a.first_seed, a.first_seed + a.seeds):
             for top, reads in runs:
                 t = time.perf_counter()
                 res = runner.run_search(

@@ -19,14 +19,18 @@ SMALL = ml_collections.ConfigDict(dict(sigma=0.2, hidden=16, gnn_layers=1, heads
 KW = dict(iterations=2, n_seeds=2, n_envs=2, n_steps=3, top_k=2, progress=False)
 
 
+def _tiny_env(t, config):
+    """The tiny model's environment on 64 reward images."""
+    return env_lib.make_env(
+        t["model"].apply, t["variables"], t["spec"], t["images"][:64], t["labels"][:64],
+        library=t["library"], calib_images=t["calib"][:1], config=config,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def search_env(tiny_setup):
     t = tiny_setup
-    e = env_lib.make_env(
-        t["model"].apply, t["variables"], t["spec"], t["images"][:64], t["labels"][:64],
-        library=t["library"], calib_images=t["calib"][:1],
-        config=env_lib.EnvConfig(target=0.55, band=0.15),
-    )  # fmt: skip
+    e = _tiny_env(t, env_lib.EnvConfig(target=0.55, band=0.15))
     policy = runner.policy_for(e, "per_group", t["variables"], SMALL)
     return e, policy
 
@@ -80,11 +84,7 @@ PKW = dict(iterations=2, n_envs=4, n_steps=2, top_k=2, progress=False)
 @pytest.fixture(scope="module")
 def proposal_setup(tiny_setup):
     t = tiny_setup
-    e = env_lib.make_env(
-        t["model"].apply, t["variables"], t["spec"], t["images"][:64], t["labels"][:64],
-        library=t["library"], calib_images=t["calib"][:1],
-        config=env_lib.EnvConfig(target=0.5, eval_batch_size=32),
-    )  # fmt: skip
+    e = _tiny_env(t, env_lib.EnvConfig(target=0.5, eval_batch_size=32))
     order = np.asarray(graph_lib.importance_order(t["spec"], t["variables"]))
     d = decode.make_decoder(t["spec"], order, t["library"], target=0.5, tolerance=TOL)
     policy = bandit.make_mixture_policy(t["spec"], d.action_mask, hidden=16, n_layers=1,
