@@ -35,6 +35,7 @@ rebuilt), measured in the same run, and ratios. Then `EnvConfig(eval_mode=...)` 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -216,7 +217,9 @@ def quality(a) -> dict:
                                                      default=float("nan")))  # fmt: skip
                     r["heldout_acc"].append(best[0].get("heldout_accuracy", best[0]["accuracy"])
                                             if best else float("nan"))  # fmt: skip
-                    r["in_band"].append(res.history[it - 1]["n_in_band"] / b)
+                    # evaluations within the tolerance (with halving, not only the promoted ones)
+                    r["in_band"].append(float(np.mean([h["on_budget_rate"]
+                                                       for h in res.history[:it]])))  # fmt: skip
                     r["seconds"].append(secs * b / top)
                     r["curve"].append([h.get("reward_mean") for h in res.history[:it]])
                     if a.finetune_epochs > 0 and best:
@@ -279,7 +282,7 @@ def halving(a) -> dict:
     n_first *= min(full.config.eval_batch_size, len(ss.reward[1]))
     first = env_lib.make_env(s.apply_fn, variables, ss.spec, ss.reward[0][:n_first],
                              ss.reward[1][:n_first], library=ss.library, calib_images=ss.calib,
-                             config=full.config)  # fmt: skip
+                             config=dataclasses.replace(full.config, halving_images=0))  # fmt: skip
     pcfg = propose.ProposalConfig(n_envs=a.q_envs, **pipeline.proposal_config(cfg))
     method = propose.make_method("random", ss.decoder, pcfg)
     keys = jax.random.split(jax.random.PRNGKey(0), -(-a.halving_candidates // a.q_envs))

@@ -274,6 +274,13 @@ def make_env(
     n_chunks = int(r_imgs.shape[0])
     n_first = n_chunks if config.halving_images <= 0 else -(-config.halving_images // bs)
     n_first = min(n_chunks, n_first)  # successive halving: reward chunks of the first stage
+    if config.halving_images > 0 and n_first >= n_chunks:
+        raise ValueError(
+            f"successive halving: the first stage (halving_images={config.halving_images}, in "
+            f"whole reward batches of {bs}) covers the whole reward set of {len(reward_images)} "
+            "images, so halving would change nothing; lower search.halving_images (or the reward "
+            "batch, EnvConfig.eval_batch_size) or set it to 0"
+        )
     mode = config.resolved_eval_mode
     init_ids = jnp.asarray(graph_lib.initial_pattern_ids(spec))
 

@@ -327,7 +327,20 @@ def check_search(cfg, s: Setup) -> None:
     if _legacy(cfg):
         return
     _decoder_for(cfg, s, s.init_variables)
-    split_validation(cfg, s.splits.val.arrays[1])
+    reward, _ = split_validation(cfg, s.splits.val.arrays[1])
+    h = int(cfg.search.get("halving_images", 0))
+    if h > 0 and -(-h // _reward_batch(cfg.search)) * _reward_batch(cfg.search) >= len(reward):
+        raise ValueError(
+            f"successive halving: search.halving_images={h} is not smaller than the reward set "
+            f"({len(reward)} images), so halving would change nothing; lower it or set it to 0"
+        )
+
+
+def _reward_batch(sc) -> int:
+    """Reward-set images per forward: 256, or the first stage's size when successive halving
+    scores fewer (its first stage is whole batches)."""
+    h = int(sc.get("halving_images", 0))
+    return min(256, h) if h > 0 else 256
 
 
 def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
@@ -352,6 +365,7 @@ def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
         target=sc.target_flops, band=sc.band, flops_kind=sc.flops_kind, reward=sc.reward,
         max_episode_steps=sc.max_episode_steps, eval_mode=sc.eval_mode,
         halving_images=sc.get("halving_images", 0), halving_keep=sc.get("halving_keep", 0.25),
+        eval_batch_size=_reward_batch(sc),
     )  # fmt: skip
     make = lambda imgs, labs, feats=None: env_lib.make_env(
         s.apply_fn, variables, spec, imgs, labs, library=lib, calib_images=calib, config=env_cfg,

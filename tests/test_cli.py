@@ -58,6 +58,8 @@ def test_info_json_reports_exact_counts(capsys):
          "do not fit in the validation split"),
         (["run", "--workdir", "{tmp}", "--config.bandit.minibatches=3"],
          "bandit.minibatches >= 1 dividing"),
+        (["run", "--workdir", "{tmp}", "--config.search.halving_images=200"],
+         "halving would change nothing"),
     ],
 )  # fmt: skip
 def test_bad_input_gives_one_clear_error(argv, message, tmp_path, capsys):
