@@ -19,8 +19,8 @@ top 3 re-scored on the other 200 validation images and fine-tuned 6 epochs each.
 Runtime: measured (December 2026, 2-core AMD EPYC shared with a benchmark): 5.8 min end to end,
 search 2.7 min including compilation.
 
-Measured with `python -m sculpt_jax run --workdir runs/main_default` (one seed; experiments/
-RESULTS.md): dense 96.30%, pruned and fine-tuned 96.63% on the 297-digit test split, true FLOPs
+Expected numbers (measured with `python -m sculpt_jax run --workdir runs/main_default`, one seed;
+experiments/RESULTS.md): dense 96.30%, pruned and fine-tuned 96.63% on the 297-digit test split, true FLOPs
 reduction 50.0% (the reference formula reports 59.9% for the same masks), parameters -34.6%,
 128 of 128 evaluations on budget. The spread between seeds of the older band-rule search was
 large (92.59 +- 5.34% over 3 seeds); the multi-seed table for this search is to be re-measured
