@@ -815,8 +815,10 @@ def write_run_report(
             f"{summary.get('target_reduction', summary.get('target_flops_reduction', '?'))} ± "
             f"{summary.get('tolerance') or summary.get('band', '?')} "
             f"({summary.get('target_measure', summary.get('flops_kind', '?'))} measure)",
-            f"- candidates evaluated: {summary.get('n_evals', '?')}, on budget: "
-            f"{summary.get('n_in_band', '?')}",
+            f"- candidates evaluated: {summary.get('n_evals', '?')}, on budget and fully scored: "
+            f"{summary.get('n_in_band', '?')}"
+            + ("" if summary.get("on_budget_rate") is None
+               else f", on-budget rate {100 * summary['on_budget_rate']:.1f}%"),
             "",
         ]
         cands = summary.get("candidates") or []

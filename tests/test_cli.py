@@ -107,6 +107,7 @@ def test_main_job_smoke_end_to_end(tmp_path, capsys):
     assert set(ids["head"]) == {5}, "the classifier head must never be pruned (it deletes classes)"
     best = json.load(open(os.path.join(wd, "search", "best.json")))
     assert best["tolerance"] == 0.05 and best["in_band_rate"] == 1.0
+    assert best["on_budget_rate"] == 1.0
     held = [c["heldout_accuracy"] for c in best["candidates"]]
     assert held == sorted(held, reverse=True) and all(0.0 <= h <= 1.0 for h in held)
     assert 0.0 <= row["heldout_accuracy_before_finetune"] <= 1.0
