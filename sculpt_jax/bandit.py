@@ -29,6 +29,11 @@ models), a per-model correction takes the remainder, and the log-std rows are se
 ones, so the new policy is exactly the improved distribution. The k3 estimator
 ``mean((rho - 1) - log rho)`` of KL(old || new) from the samples is reported beside the exact one.
 
+Several models, one GNN (`make_joint_update`): each model's distribution is improved on its own
+samples in its own trust region, and the projection fits the one GNN to all the improved means at
+once (each model its own correction, the log-std rows their mean): the single-model update is its
+K = 1 case, bit for bit.
+
 All functions are jittable and vmappable over seeds; helpers are unbatched with rank asserts.
 """
 
@@ -36,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -306,38 +311,10 @@ def advantages(reward: jax.Array, valid: jax.Array, baseline: str = "loo") -> ja
     return jnp.where(valid, adv, 0.0)
 
 
-def make_bandit_update(policy: MixturePolicy, config: Any = None) -> Callable:
-    """Builds ``update(agent_state, obs, actions [N, L + 1, P], log_prob [N], reward [N], key) ->
-    (agent_state, metrics)`` (jittable, vmappable; see the module docstring).
-
-    Two steps, improve then project (the scheme of MPO / V-MPO, Abdolmaleki et al. 2018, Song et
-    al. 2020, with PPO's clipped surrogate as the improvement):
-
-    1. improve, in distribution space: n_epochs x n_minibatches natural-gradient ascent steps of
-       the clipped surrogate on the Gaussian's own parameters (mean [L + 1, P]: the gradient times
-       the sampling policy's variance; log-std rows [2, P]: divided by the Fisher 2 x the entries
-       per row), each step held in the trust region by an exact projection: the mean part of
-       KL(sampling || new) is a quadratic form in the mean, so the step is scaled back radially
-       onto ``target_kl``; the log-std step is halved until the std part is <= target_kl_std.
-    2. project onto the policy: fit_steps Adam steps fit the GNN's mean to the improved mean
-       (``prior``: what transfers to other models), then the model's own correction takes the
-       remainder and the log-std rows are set to the improved ones, so the new policy IS the
-       improved distribution and its KL parts are within the limits by construction.
-
-    Why not PPO on the GNN's params directly: the per-layer means are a read-out of GNN embeddings
-    that are strongly correlated across similar layers, so steps in parameter space spend the KL
-    budget on moving layers together (measured on tests/test_bandit.py's known-optimum problem:
-    25 updates closed ~25% of the gap, this update ~75%), and Adam's sign-like first steps move
-    every dimension by the same amount whatever the evidence.
-
-    Rewards that are not finite (a candidate that could not be scored) are left out. metrics: kl
-    (exact KL(old || new)), kl_mean / kl_std (its parts, within the limits), kl_k3 (the sample
-    estimator of the same KL), prior_fit (the share of the improved mean's squared norm that
-    the correction carries: 0 when the GNN alone gives it), clip_frac, pg_loss, entropy, std_mean, nan_skipped (1 if a
-    non-finite sample was left out), reward_mean / reward_std.
-    """
-    cfg = as_bandit_config(config)
-    fit_tx = optax.adam(cfg.fit_lr, eps=cfg.adam_eps)
+def _make_improve(policy: MixturePolicy, cfg: BanditConfig) -> Callable:
+    """Step 1 of the update for one model: ``improve(old_dist, log_std2, actions, log_prob, adv,
+    valid, key) -> (phi, aux)``, phi = {"mean": [L + 1, P], "log_std": [2, P]} the improved
+    distribution (see `make_bandit_update`)."""
     n_steps = cfg.n_epochs * cfg.n_minibatches
     mask = jnp.asarray(policy.action_mask)
     n_rows = mask.shape[0]
@@ -387,29 +364,58 @@ def make_bandit_update(policy: MixturePolicy, config: Any = None) -> Callable:
         phi, aux = jax.lax.scan(step, phi0, idx.reshape(n_steps, n // cfg.n_minibatches))
         return phi, aux
 
-    def project(params, obs, phi):
-        """The policy whose distribution is exactly `phi` (the GNN fitted as well as it can)."""
-        target = jnp.where(mask, phi["mean"], 0.0)
+    return improve
 
-        def fit_loss(g):
-            return jnp.sum(jnp.where(mask, jnp.square(policy.prior(g, obs)[0] - target), 0.0))
 
-        def fit_step(carry, _):
-            g, opt_state = carry
-            loss, grads = jax.value_and_grad(fit_loss)(g)
-            updates, opt_state = fit_tx.update(grads, opt_state, g)
-            ok = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-            g = jax.tree.map(lambda a, b: jnp.where(ok, a, b), optax.apply_updates(g, updates), g)
-            return (g, opt_state), loss
+def _fit_gnn(loss: Callable, g0: Any, cfg: BanditConfig) -> Any:
+    """fit_steps Adam steps minimising ``loss(gnn_params)`` from g0 (non-finite steps skipped)."""
+    fit_tx = optax.adam(cfg.fit_lr, eps=cfg.adam_eps)
 
-        g0 = params["gnn"]
-        (g, _), _ = jax.lax.scan(fit_step, (g0, fit_tx.init(g0)), None, cfg.fit_steps)
-        g = jax.tree.map(lambda x: x, g)
-        g["params"] = dict(g["params"], log_std=phi["log_std"])
-        correction = jnp.where(mask, target - policy.prior(g, obs)[0], 0.0)
-        return {"gnn": g, "correction": correction}
+    def fit_step(carry, _):
+        g, opt_state = carry
+        value, grads = jax.value_and_grad(loss)(g)
+        updates, opt_state = fit_tx.update(grads, opt_state, g)
+        ok = jnp.isfinite(value) & jnp.isfinite(optax.tree.norm(grads))
+        g = jax.tree.map(lambda a, b: jnp.where(ok, a, b), optax.apply_updates(g, updates), g)
+        return (g, opt_state), value
 
-    def update(state: agent_lib.AgentState, obs, actions, log_prob, reward, key):
+    (g, _), _ = jax.lax.scan(fit_step, (g0, fit_tx.init(g0)), None, cfg.fit_steps)
+    return g
+
+
+def _check_joint(policies: Sequence[MixturePolicy]) -> None:
+    if not policies:
+        raise ValueError("a joint update needs at least one policy")
+    shapes = {p.action_mask.shape[1] for p in policies}
+    if len(shapes) != 1:
+        raise ValueError(f"the models' pattern libraries differ ({sorted(shapes)} patterns): a "
+                         "shared policy needs the same library for every model")  # fmt: skip
+
+
+def make_joint_update(policies: Sequence[MixturePolicy], config: Any = None) -> Callable:
+    """The bandit update of ONE GNN trained on K models at once (`make_bandit_update` for K = 1).
+
+    ``update(state, obs [K], actions [K][N_k, L_k + 1, P], log_prob [K][N_k], reward [K][N_k],
+    key) -> (state, metrics)`` with ``state.params = {"gnn": shared, "correction": (c_1 .. c_K)}``
+    (`init_joint_params`); sequences are tuples or lists of per-model arrays (models differ in
+    L). Each model's distribution is improved on its own samples inside its own trust region
+    (step 1 of `make_bandit_update`); then the shared GNN is fitted to all K improved means at once
+    (the sum of the per-model squared errors, each over its own dimension count, so a large model
+    does not outweigh a small one), each model's correction takes its remainder, and the shared
+    log-std rows are the mean of the K improved ones. The KL's std part is convex in the log-std,
+    so each model's update stays within ``target_kl_std``, and its mean is exactly its improved
+    one: every model's trust region holds. What the GNN learns across models is what transfers
+    to a model it never saw (`--policy-from`). metrics: `make_bandit_update`'s, each f32 [K].
+    """
+    _check_joint(policies)
+    cfg = as_bandit_config(config)
+    improves = [_make_improve(p, cfg) for p in policies]
+    masks = [jnp.asarray(p.action_mask) for p in policies]
+    dims = [max(p.n_dims, 1) for p in policies]
+    weights = [float(np.mean(dims)) / d for d in dims]  # each model's squared error per dimension
+
+    def one_model(k, old, obs, actions, log_prob, reward, key):
+        """Step 1 for model k: its improved phi (the old distribution where it cannot learn)."""
         chex.assert_rank([log_prob, reward], 1)
         n = reward.shape[0]
         if n % cfg.n_minibatches:
@@ -417,40 +423,131 @@ def make_bandit_update(policy: MixturePolicy, config: Any = None) -> Callable:
         valid = jnp.isfinite(reward) & jnp.all(jnp.isfinite(actions), axis=(1, 2))
         actions = jnp.where(valid[:, None, None], actions, 0.0)
         adv = advantages(reward, valid, cfg.baseline)
-        old = state.params
-        old_dist = policy.dist(old, obs)
-        phi, aux = improve(old_dist, old["gnn"]["params"]["log_std"], actions, log_prob, adv,
-                           valid, key)  # fmt: skip
-        params = project(old, obs, phi)
+        old_dist = policies[k].dist(old, obs)
+        log_std2 = old["gnn"]["params"]["log_std"]
+        phi, aux = improves[k](old_dist, log_std2, actions, log_prob, adv, valid, key)
         learn = jnp.sum(valid) >= 2  # an advantage needs two scored samples
-        params = jax.tree.map(lambda a, b: jnp.where(learn, a, b), params, old)
-        new_lp = policy.log_prob(params, obs, actions)
-        log_ratio = jnp.where(valid, new_lp - log_prob, 0.0)
-        w = valid.astype(jnp.float32)
-        k3 = jnp.sum((jnp.exp(log_ratio) - 1 - log_ratio) * w) / jnp.maximum(jnp.sum(w), 1.0)
-        _, log_std = policy.dist(params, obs)
-        r = jnp.where(valid, reward, 0.0)
-        r_mean = jnp.sum(r * w) / jnp.maximum(jnp.sum(w), 1.0)
-        kl_mean, kl_std = policy.kl_parts(old, params, obs)
-        prior_mean = policy.prior(params["gnn"], obs)[0]
-        metrics = {
-            "kl": policy.kl(old, params, obs),
-            "kl_mean": kl_mean,
-            "kl_std": kl_std,
-            "kl_k3": k3,
-            "prior_fit": jnp.sum(jnp.where(mask, jnp.square(params["correction"]), 0.0))
-            / jnp.maximum(jnp.sum(jnp.where(mask, jnp.square(prior_mean + params["correction"]),
-                                            0.0)), 1e-12),  # fmt: skip
-            "clip_frac": jnp.mean(aux["clip_frac"]),
-            "pg_loss": jnp.mean(aux["pg_loss"]),
-            "entropy": policy.entropy(params, obs),
-            "std_mean": jnp.sum(jnp.exp(log_std) * mask) / max(policy.n_dims, 1),
-            "steps": jnp.int32(n_steps),
-            "nan_skipped": jnp.any(~valid & jnp.isfinite(reward)).astype(jnp.int32),
-            "reward_mean": r_mean,
-            "reward_std": jnp.sqrt(jnp.sum(jnp.square(r - r_mean) * w) / jnp.maximum(jnp.sum(w), 1)),
-        }
+        phi = {"mean": jnp.where(learn, phi["mean"], old_dist[0]),
+               "log_std": jnp.where(learn, phi["log_std"], log_std2)}  # fmt: skip
+        return phi, aux, valid, actions, learn
+
+    def update(state: agent_lib.AgentState, obs, actions, log_prob, reward, key):
+        if not len(obs) == len(actions) == len(log_prob) == len(reward) == len(policies):
+            raise ValueError(f"need one obs / actions / log_prob / reward per model "
+                             f"({len(policies)})")  # fmt: skip
+        g0, corr = state.params["gnn"], tuple(state.params["correction"])
+        olds = [{"gnn": g0, "correction": c} for c in corr]
+        keys = jax.random.split(key, len(policies)) if len(policies) > 1 else [key]
+        steps = [one_model(k, olds[k], obs[k], actions[k], log_prob[k], reward[k], keys[k])
+                 for k in range(len(policies))]  # fmt: skip
+        targets = [jnp.where(m, s[0]["mean"], 0.0) for m, s in zip(masks, steps, strict=True)]
+
+        def fit_loss(g):
+            errs = [w * jnp.sum(jnp.where(m, jnp.square(p.prior(g, o)[0] - t), 0.0))
+                    for p, m, o, t, w in zip(policies, masks, obs, targets, weights, strict=True)]  # fmt: skip
+            return sum(errs)
+
+        g = _fit_gnn(fit_loss, g0, cfg)
+        g = jax.tree.map(lambda x: x, g)
+        log_std = jnp.mean(jnp.stack([s[0]["log_std"] for s in steps]), axis=0)
+        g["params"] = dict(g["params"], log_std=log_std)
+        corr = tuple(jnp.where(m, t - p.prior(g, o)[0], 0.0)
+                     for p, m, o, t in zip(policies, masks, obs, targets, strict=True))  # fmt: skip
+        params = {"gnn": g, "correction": corr}
+        learn = jnp.any(jnp.stack([s[4] for s in steps]))
+        params = jax.tree.map(lambda a, b: jnp.where(learn, a, b), params, state.params)
+        news = [{"gnn": params["gnn"], "correction": c} for c in params["correction"]]
+        metrics = [_update_metrics(policies[k], cfg, olds[k], news[k], obs[k], steps[k][3],
+                                   log_prob[k], reward[k], steps[k][2], steps[k][1])
+                   for k in range(len(policies))]  # fmt: skip
+        metrics = {name: jnp.stack([m[name] for m in metrics]) for name in metrics[0]}
         new = agent_lib.AgentState(params=params, opt_state=state.opt_state, step=state.step + 1)
         return new, metrics
+
+    return update
+
+
+def _update_metrics(policy, cfg, old, params, obs, actions, log_prob, reward, valid, aux):
+    """The metrics of one model's update (see `make_bandit_update`), each f32 / int32 []."""
+    mask = jnp.asarray(policy.action_mask)
+    new_lp = policy.log_prob(params, obs, actions)
+    log_ratio = jnp.where(valid, new_lp - log_prob, 0.0)
+    w = valid.astype(jnp.float32)
+    n_valid = jnp.maximum(jnp.sum(w), 1.0)
+    k3 = jnp.sum((jnp.exp(log_ratio) - 1 - log_ratio) * w) / n_valid
+    _, log_std = policy.dist(params, obs)
+    r = jnp.where(valid, reward, 0.0)
+    r_mean = jnp.sum(r * w) / n_valid
+    kl_mean, kl_std = policy.kl_parts(old, params, obs)
+    prior_mean = policy.prior(params["gnn"], obs)[0]
+    corr2 = jnp.sum(jnp.where(mask, jnp.square(params["correction"]), 0.0))
+    total2 = jnp.sum(jnp.where(mask, jnp.square(prior_mean + params["correction"]), 0.0))
+    return {
+        "kl": policy.kl(old, params, obs),
+        "kl_mean": kl_mean,
+        "kl_std": kl_std,
+        "kl_k3": k3,
+        "prior_fit": corr2 / jnp.maximum(total2, 1e-12),
+        "clip_frac": jnp.mean(aux["clip_frac"]),
+        "pg_loss": jnp.mean(aux["pg_loss"]),
+        "entropy": policy.entropy(params, obs),
+        "std_mean": jnp.sum(jnp.exp(log_std) * mask) / max(policy.n_dims, 1),
+        "steps": jnp.int32(cfg.n_epochs * cfg.n_minibatches),
+        "nan_skipped": jnp.any(~valid & jnp.isfinite(reward)).astype(jnp.int32),
+        "reward_mean": r_mean,
+        "reward_std": jnp.sqrt(jnp.sum(jnp.square(r - r_mean) * w) / n_valid),
+    }
+
+
+def init_joint_params(policies: Sequence[MixturePolicy], key, obs=None) -> dict:
+    """Initial params of a GNN shared by K models: {"gnn": one init, "correction": (zeros per
+    model)} (`make_joint_update`); obs: the first model's observation (None: its example)."""
+    _check_joint(policies)
+    gnn_params = policies[0].init(key, obs)["gnn"]
+    return {"gnn": gnn_params,
+            "correction": tuple(jnp.zeros(p.action_mask.shape, jnp.float32) for p in policies)}  # fmt: skip
+
+
+def make_bandit_update(policy: MixturePolicy, config: Any = None) -> Callable:
+    """Builds ``update(agent_state, obs, actions [N, L + 1, P], log_prob [N], reward [N], key) ->
+    (agent_state, metrics)`` (jittable, vmappable; see the module docstring).
+
+    Two steps, improve then project (the scheme of MPO / V-MPO, Abdolmaleki et al. 2018, Song et
+    al. 2020, with PPO's clipped surrogate as the improvement):
+
+    1. improve, in distribution space: n_epochs x n_minibatches natural-gradient ascent steps of
+       the clipped surrogate on the Gaussian's own parameters (mean [L + 1, P]: the gradient times
+       the sampling policy's variance; log-std rows [2, P]: divided by the Fisher 2 x the entries
+       per row), each step held in the trust region by an exact projection: the mean part of
+       KL(sampling || new) is a quadratic form in the mean, so the step is scaled back radially
+       onto ``target_kl``; the log-std step is halved until the std part is <= target_kl_std.
+    2. project onto the policy: fit_steps Adam steps fit the GNN's mean to the improved mean
+       (``prior``: what transfers to other models), then the model's own correction takes the
+       remainder and the log-std rows are set to the improved ones, so the new policy IS the
+       improved distribution and its KL parts are within the limits by construction.
+
+    Why not PPO on the GNN's params directly: the per-layer means are a read-out of GNN embeddings
+    that are strongly correlated across similar layers, so steps in parameter space spend the KL
+    budget on moving layers together (measured on tests/test_bandit.py's known-optimum problem:
+    25 updates closed ~25% of the gap, this update ~75%), and Adam's sign-like first steps move
+    every dimension by the same amount whatever the evidence.
+
+    Rewards that are not finite (a candidate that could not be scored) are left out. metrics: kl
+    (exact KL(old || new)), kl_mean / kl_std (its parts, within the limits), kl_k3 (the sample
+    estimator of the same KL), prior_fit (the share of the improved mean's squared norm that the
+    correction carries: 0 when the GNN alone gives it), clip_frac, pg_loss, entropy, std_mean,
+    nan_skipped (1 if a non-finite sample was left out), reward_mean / reward_std.
+
+    The one-model case of `make_joint_update` (same computation, unbatched params and metrics).
+    """
+    joint = make_joint_update([policy], config)
+
+    def update(state: agent_lib.AgentState, obs, actions, log_prob, reward, key):
+        p = state.params
+        inner = state.replace(params={"gnn": p["gnn"], "correction": (p["correction"],)})
+        new, metrics = joint(inner, [obs], [actions], [log_prob], [reward], key)
+        q = new.params
+        new = new.replace(params={"gnn": q["gnn"], "correction": q["correction"][0]})
+        return new, jax.tree.map(lambda x: x[0], metrics)
 
     return update

@@ -160,3 +160,46 @@ def test_successive_halving_scores_exactly(tiny_setup):
                                np.asarray(want_first)[~promoted], atol=1e-6)  # fmt: skip
     assert np.asarray(want_first)[promoted].min() >= np.asarray(want_first)[~promoted].max()
     np.testing.assert_array_equal(got["images"], np.where(promoted, 96, 32))
+
+
+def test_joint_search_trains_one_policy_on_two_models_on_budget(proposal_setup, tiny_setup):
+    """`make_joint_search`: two models (the tiny ResNet and a tiny VGG) in one compiled program,
+    every candidate of each on its own budget, each model's trust region held, the shared GNN
+    fitted to both."""
+    from sculpt_jax import patterns, trace
+    from sculpt_jax.models import get_model, init_model
+
+    e1, d1, p1, _ = proposal_setup
+    model = get_model("vgg_tiny", num_classes=10)
+    v = init_model(model, jax.random.PRNGKey(1), (32, 32, 3))
+    lg = trace.trace_model(model.apply, v, jnp.zeros((1, 32, 32, 3)))
+    lib = patterns.get_library("reference6")
+    valid = np.stack([patterns.valid_patterns(layer, lib) for layer in lg.layers])
+    spec = graph_lib.build_graph_spec(lg, n_patterns=lib.n_patterns, valid=valid)
+    rng = np.random.default_rng(1)
+    images = rng.normal(size=(64, 32, 32, 3)).astype(np.float32)
+    e2 = env_lib.make_env(model.apply, v, spec, images, rng.integers(0, 10, 64).astype(np.int32),
+                          library=lib, calib_images=images[None, :32],
+                          config=env_lib.EnvConfig(target=0.5, eval_batch_size=32))  # fmt: skip
+    d2 = decode.make_decoder(spec, graph_lib.importance_order(spec, v), lib, target=0.5,
+                             tolerance=TOL)  # fmt: skip
+    p2 = bandit.make_mixture_policy(spec, d2.action_mask, hidden=16, n_layers=1, n_heads=2,
+                                    mlp_hidden=32)  # fmt: skip
+    cfg = propose.ProposalConfig(n_envs=4, n_steps=1, top_k=2)
+    init, iterate = propose.make_joint_search([e1, e2], [d1, d2], [p1, p2], cfg)
+    iterate = jax.jit(iterate)
+    state = init(jax.random.PRNGKey(0))
+    consts = [e1.consts, e2.consts]
+    for _ in range(2):
+        state, out = iterate(consts, state)
+    m = {k: np.asarray(x) for k, x in out["metrics"].items()}
+    assert m["on_budget_rate"].tolist() == [1.0, 1.0] and m["in_band_rate"].tolist() == [1.0, 1.0]
+    assert np.all(m["kl_mean"] <= bandit.BanditConfig().target_kl + 1e-4) and np.all(m["kl_mean"] > 0)
+    assert np.asarray(state.n_evals).tolist() == [8, 8] and iterate._cache_size() == 1
+    for best in state.best:
+        assert np.all(np.abs(np.asarray(best.reduction) - 0.5) <= TOL + 1e-6)
+    # the shared GNN was fitted to both models' improved means (it moved from its init)
+    g0 = init(jax.random.PRNGKey(0)).agent.params["gnn"]
+    moved = [float(jnp.max(jnp.abs(a - b))) for a, b in
+             zip(jax.tree.leaves(state.agent.params["gnn"]), jax.tree.leaves(g0), strict=True)]  # fmt: skip
+    assert max(moved) > 1e-3

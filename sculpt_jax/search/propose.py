@@ -26,7 +26,8 @@ the method learns from the accuracies. Methods differ only in how they propose a
 
 `make_proposal_search` returns ``init(key) -> SearchState`` and ``iterate(consts, state) ->
 (state, outputs)`` with the same state and outputs as `search.ppo`, so `search.runner` checkpoints,
-logs and resumes every method alike. Reward: the candidate's accuracy when on budget, else
+logs and resumes every method alike. `make_joint_search` runs the ``ppo`` method on several models
+at once with one shared GNN (`bandit.make_joint_update`), for policies that transfer. Reward: the candidate's accuracy when on budget, else
 ``accuracy - 1 - |reduction - target|`` (never better than an on-budget one); only on-budget
 candidates scored on the full reward set enter the kept top-K.
 """
@@ -34,7 +35,7 @@ candidates scored on the full reward set enter the kept top-K.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -214,6 +215,47 @@ def candidate_reward(info: dict, target: float) -> jax.Array:
     return jnp.where(info["on_budget"], info["accuracy"], off).astype(jnp.float32)
 
 
+def _rollout(env: Env, decoder: Decoder, decode: Callable, propose: Callable, consts, best,
+             key, base, n: int, t_steps: int):
+    """T calls of `propose(key, j0)` -> N proposals each (j0: the run's index of the call's
+    first proposal, from `base`), decoded, scored and kept in `best`.
+
+    Returns (best, proposals [N T, ...], aux [N T], reward [N T], info {name: [T, N]})."""
+    def call(best, xs):
+        t, k = xs
+        proposals, aux = propose(k, base + t * n)
+        ids, dec = jax.vmap(decode)(proposals)
+        info = env.evaluate_staged(consts, ids)
+        # The target's measure is the decoder's (true FLOPs, reference formula or params).
+        info = dict(info, reduction=dec["reduction"], on_budget=dec["on_budget"])
+        info["in_band"] = dec["on_budget"] & info["promoted"]
+        best = update_best(best, ids, info)
+        reward = candidate_reward(info, decoder.target)
+        keep = ("reduction", "flops_reduction", "accuracy", "in_band", "promoted", "images")
+        return best, (proposals, aux, reward, {k: info[k] for k in keep})
+
+    best, (proposals, aux, reward, info) = jax.lax.scan(
+        call, best, (jnp.arange(t_steps), jax.random.split(key, t_steps))
+    )
+    flat = lambda x: x.reshape((-1, *x.shape[2:]))
+    return best, flat(proposals), flat(aux), flat(reward), info
+
+
+def _iteration_metrics(reward, info, decoder: Decoder, best) -> dict:
+    """What every search logs per iteration (means over its N T candidates)."""
+    return dict(
+        reward_mean=jnp.mean(reward),
+        in_band_rate=jnp.mean(info["in_band"].astype(jnp.float32)),
+        on_budget_rate=jnp.mean((jnp.abs(info["reduction"] - decoder.target)
+                                 <= decoder.tolerance).astype(jnp.float32)),
+        reduction_mean=jnp.mean(info["reduction"]),
+        accuracy_mean=jnp.mean(info["accuracy"]),
+        best_accuracy=best.score[0],
+        best_reduction=best.reduction[0],
+        images_scored=jnp.sum(info["images"]).astype(jnp.int32),
+    )  # fmt: skip
+
+
 def make_proposal_search(env: Env, decoder: Decoder, method: Method, cfg: ProposalConfig):
     """Builds ``(init, iterate)`` of a proposal search (see the module docstring).
 
@@ -236,48 +278,83 @@ def make_proposal_search(env: Env, decoder: Decoder, method: Method, cfg: Propos
     def iterate(consts, state: SearchState):
         key, k_roll, k_learn = jax.random.split(state.key, 3)
         obs = observation(consts)
-        base = state.iteration * n * t_steps
-
-        def call(best, xs):
-            t, k = xs
-            proposals, aux = method.propose(state.agent, obs, k, base + t * n)
-            ids, dec = jax.vmap(decode)(proposals)
-            info = env.evaluate_staged(consts, ids)
-            # The target's measure is the decoder's (true FLOPs, reference formula or params).
-            info = dict(info, reduction=dec["reduction"], on_budget=dec["on_budget"])
-            info["in_band"] = dec["on_budget"] & info["promoted"]
-            best = update_best(best, ids, info)
-            reward = candidate_reward(info, decoder.target)
-            keep = ("reduction", "flops_reduction", "accuracy", "in_band", "promoted", "images")
-            return best, (proposals, aux, reward, {k: info[k] for k in keep})
-
-        best, (proposals, aux, reward, info) = jax.lax.scan(
-            call, state.best, (jnp.arange(t_steps), jax.random.split(k_roll, t_steps))
-        )
-        flat = lambda x: x.reshape((n * t_steps, *x.shape[2:]))
-        agent, learn_metrics = method.learn(
-            state.agent, obs, flat(proposals), flat(aux), flat(reward), k_learn
-        )
-        in_band = info["in_band"]
-        metrics = dict(
-            learn_metrics,
-            reward_mean=jnp.mean(reward),
-            in_band_rate=jnp.mean(in_band.astype(jnp.float32)),
-            on_budget_rate=jnp.mean((jnp.abs(info["reduction"] - decoder.target)
-                                     <= decoder.tolerance).astype(jnp.float32)),
-            reduction_mean=jnp.mean(info["reduction"]),
-            accuracy_mean=jnp.mean(info["accuracy"]),
-            best_accuracy=best.score[0],
-            best_reduction=best.reduction[0],
-            images_scored=jnp.sum(info["images"]).astype(jnp.int32),
+        propose = lambda k, j0: method.propose(state.agent, obs, k, j0)
+        best, proposals, aux, reward, info = _rollout(
+            env, decoder, decode, propose, consts, state.best, k_roll,
+            state.iteration * n * t_steps, n, t_steps,
         )  # fmt: skip
+        agent, learn_metrics = method.learn(state.agent, obs, proposals, aux, reward, k_learn)
+        metrics = dict(learn_metrics, **_iteration_metrics(reward, info, decoder, best))
         candidates = {k: info[k] for k in ("reduction", "flops_reduction", "accuracy", "in_band")}
         new = SearchState(
             agent=agent, env=state.env, key=key, iteration=state.iteration + 1, best=best,
             n_evals=state.n_evals + n * t_steps,
-            n_in_band=state.n_in_band + jnp.sum(in_band).astype(jnp.int32),
+            n_in_band=state.n_in_band + jnp.sum(info["in_band"]).astype(jnp.int32),
         )  # fmt: skip
         return new, {"metrics": metrics, "candidates": candidates}
+
+    return init, iterate
+
+
+class JointState(NamedTuple):
+    """State of `make_joint_search`: the shared agent, the run's key and iteration, and per model
+    its kept top-K (`search.ppo.Best`) and evaluation count (int32 [K])."""
+
+    agent: Any
+    key: jax.Array
+    iteration: jax.Array
+    best: tuple
+    n_evals: jax.Array
+
+
+def make_joint_search(envs: Sequence[Env], decoders: Sequence[Decoder],
+                      policies: Sequence[bandit.MixturePolicy], cfg: ProposalConfig,
+                      bandit_config=None):  # fmt: skip
+    """Builds ``(init, iterate)`` of the ppo search on K models at once with ONE GNN policy.
+
+    Every iteration each model draws N x T proposals from its own distribution (the shared GNN's
+    mean plus its correction), they are decoded on its budget and scored on its reward set as in
+    `make_proposal_search`, and `bandit.make_joint_update` improves each model's distribution in
+    its own trust region and fits the shared GNN to all of them: the GNN learns what the K models
+    have in common, which is what starts a search on a model it never saw (`--policy-from`; the
+    observations are one batch of the K graphs, each padded as `graph` pads). ``iterate(consts
+    [K], state) -> (state, {"metrics": {name: [K]}})``; jittable (one program for all K models).
+    """
+    k_models = len(envs)
+    if not k_models == len(decoders) == len(policies):
+        raise ValueError("make_joint_search needs one decoder and one policy per environment")
+    n, t_steps = cfg.n_envs, cfg.n_steps
+    update = bandit.make_joint_update(policies, bandit_config)
+
+    def observations(consts):
+        return [e.observe(c, e.reset()) for e, c in zip(envs, consts, strict=True)]
+
+    def init(key):
+        k_policy, k_run = jax.random.split(key)
+        params = bandit.init_joint_params(policies, k_policy, observations([e.consts for e in envs])[0])
+        return JointState(
+            agent=bandit.create_agent_state(params, bandit_config), key=k_run,
+            iteration=jnp.int32(0), best=tuple(init_best(cfg.top_k, e.spec.n_nodes) for e in envs),
+            n_evals=jnp.zeros((k_models,), jnp.int32),
+        )  # fmt: skip
+
+    def iterate(consts, state: JointState):
+        key, k_roll, k_learn = jax.random.split(state.key, 3)
+        obs = observations(consts)
+        g, corr = state.agent.params["gnn"], state.agent.params["correction"]
+        out = []
+        for k, k_key in enumerate(jax.random.split(k_roll, k_models)):
+            params = {"gnn": g, "correction": corr[k]}
+            propose = lambda key, j0, k=k, p=params: policies[k].sample(p, obs[k], key, n)
+            out.append(_rollout(envs[k], decoders[k], decoders[k].decode, propose, consts[k],
+                                state.best[k], k_key, state.iteration * n * t_steps, n, t_steps))  # fmt: skip
+        best, proposals, aux, reward, info = (list(x) for x in zip(*out, strict=True))
+        agent, learn = update(state.agent, obs, proposals, aux, reward, k_learn)
+        per = [_iteration_metrics(r, i, d, b) for r, i, d, b in zip(reward, info, decoders, best, strict=True)]  # fmt: skip
+        metrics = dict(learn, **{m: jnp.stack([p[m] for p in per]) for m in per[0]})
+        new = JointState(agent=agent, key=key, iteration=state.iteration + 1, best=tuple(best),
+                         n_evals=state.n_evals + n * t_steps)  # fmt: skip
+        return new, {"metrics": metrics}
 
     return init, iterate
 
