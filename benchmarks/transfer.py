@@ -9,11 +9,16 @@ the target model:
 * warm start: the search from the transferred policy (`--budget` evaluations) vs the search from
   scratch and random search at the same budget.
 
+``--joint M1 M2 ..``: one GNN is also trained on those models at once (`propose.make_joint_search`,
+``--budget`` evaluations on each) and applied the same way to every model of ``--models`` it did
+not see (direction ``M1+M2->B``).
+
 Best on-budget reward-set accuracy before fine-tuning, mean +- std over seeds, and the held-out
 re-score of the chosen candidate; `--json PATH` writes everything. Both models are pretrained
 here on the same dataset (digits by default, cached in --workdir).
 
     python benchmarks/transfer.py --models resnet20 resnet56 --seeds 3 --budget 96
+    python benchmarks/transfer.py --models resnet20 resnet56 --joint resnet20 resnet32 --seeds 3
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ def parse(argv=None):
     p.add_argument("--target", type=float, default=0.5)
     p.add_argument("--workdir", default="")
     p.add_argument("--json", default="")
+    p.add_argument("--joint", nargs="*", default=[], help="also train one GNN on these models "
+                   "at once and apply it to the --models it did not see")  # fmt: skip
+    p.add_argument("--skip-pairs", action="store_true", help="only the --joint directions")
     return p.parse_args(argv)
 
 
@@ -91,36 +99,77 @@ def _mean_accuracy(ss, proposal):
     return float(out["accuracy"][0])
 
 
+def _joint_gnn(a, setups, names, seed):
+    """The GNN trained on the models `names` at once (--budget evaluations on each)."""
+    from sculpt_jax import pipeline
+    from sculpt_jax.search import propose
+
+    cfgs, sss = zip(*(setups[m] for m in names), strict=True)
+    policies = [pipeline.mixture_policy(c, ss) for c, ss in zip(cfgs, sss, strict=True)]
+    init, iterate = propose.make_joint_search(
+        [ss.env for ss in sss], [ss.decoder for ss in sss], policies,
+        propose.ProposalConfig(n_envs=a.n_envs, n_steps=1, top_k=3, budget=a.budget,
+                               **pipeline.proposal_config(cfgs[0])),
+        pipeline.bandit_config(cfgs[0]),
+    )  # fmt: skip
+    iterate = jax.jit(iterate)
+    state, consts = init(jax.random.PRNGKey(seed)), [ss.env.consts for ss in sss]
+    for _ in range(max(1, a.budget // a.n_envs)):
+        state, out = iterate(consts, state)
+    best = [round(float(x), 4) for x in np.asarray(out["metrics"]["best_accuracy"])]
+    print(f"# joint {'+'.join(names)} seed {seed}: best accuracy per model {best}", flush=True)
+    return state.agent.params["gnn"]
+
+
+def _apply(a, setups, dst, gnns, untrained):
+    """Zero-shot and warm-started search on `dst` from one trained GNN per seed, beside the
+    search from scratch and random search."""
+    from sculpt_jax import pipeline
+
+    cd, ss_dst = setups[dst]
+    rows = {k: [] for k in ("zero_shot", "untrained_mean", "warm", "warm_heldout", "scratch",
+                            "scratch_heldout", "random", "random_heldout")}  # fmt: skip
+    obs_dst = ss_dst.env.observe(ss_dst.env.consts, ss_dst.env.reset())
+    for seed, gnn in enumerate(gnns):
+        pol_dst = pipeline.mixture_policy(cd, ss_dst)
+        # the GNN transfers; the target model's own correction starts at zero
+        params = dict(pol_dst.init(jax.random.PRNGKey(0)), gnn=gnn)
+        warm = pol_dst._replace(init=lambda key, obs=None, p=params: p)
+        rows["zero_shot"].append(_mean_accuracy(ss_dst, pol_dst.dist(params, obs_dst)[0]))
+        rows["untrained_mean"].append(untrained)
+        for name, method, pol in (("warm", "ppo", warm), ("scratch", "ppo", pol_dst),
+                                  ("random", "random", None)):  # fmt: skip
+            acc, held, _ = _search(cd, ss_dst, method, seed, a.budget, pol, tag=f"{name}_")
+            rows[name].append(acc)
+            rows[f"{name}_heldout"].append(held)
+    return rows
+
+
 def main(argv=None) -> None:
     a = parse(argv)
     header("policy transfer between models")
     from sculpt_jax import pipeline
 
     a.workdir = a.workdir or tempfile.mkdtemp(prefix="bench_transfer_")
-    setups = {m: _setup(a, m) for m in a.models}
+    setups = {m: _setup(a, m) for m in dict.fromkeys([*a.models, *a.joint])}
     out = {"command": " ".join(sys.argv), "machine": machine(), "budget": a.budget,
            "directions": {}}  # fmt: skip
-    for src, dst in (a.models, a.models[::-1]):
-        (cs, ss_src), (cd, ss_dst) = setups[src], setups[dst]
-        rows = {k: [] for k in ("zero_shot", "untrained_mean", "warm", "warm_heldout", "scratch",
-                                "scratch_heldout", "random", "random_heldout")}  # fmt: skip
-        obs_dst = ss_dst.env.observe(ss_dst.env.consts, ss_dst.env.reset())
-        untrained = _mean_accuracy(ss_dst, np.zeros(ss_dst.decoder.action_mask.shape, np.float32))
-        for seed in range(a.seeds):
-            pol_src = pipeline.mixture_policy(cs, ss_src)
-            _, _, state = _search(cs, ss_src, "ppo", seed, a.budget, pol_src, tag="train_")
-            pol_dst = pipeline.mixture_policy(cd, ss_dst)
-            # the GNN transfers; the target model's own correction starts at zero
-            params = dict(pol_dst.init(jax.random.PRNGKey(0)), gnn=state.agent.params["gnn"])
-            warm = pol_dst._replace(init=lambda key, obs=None, p=params: p)
-            rows["zero_shot"].append(_mean_accuracy(ss_dst, pol_dst.dist(params, obs_dst)[0]))
-            rows["untrained_mean"].append(untrained)
-            for name, method, pol in (("warm", "ppo", warm), ("scratch", "ppo", pol_dst),
-                                      ("random", "random", None)):  # fmt: skip
-                acc, held, _ = _search(cd, ss_dst, method, seed, a.budget, pol, tag=f"{src}_{name}_")
-                rows[name].append(acc)
-                rows[f"{name}_heldout"].append(held)
-        key = f"{src}->{dst}"
+    untrained = {m: _mean_accuracy(ss, np.zeros(ss.decoder.action_mask.shape, np.float32))
+                 for m, (_, ss) in setups.items()}  # fmt: skip
+    directions = [] if a.skip_pairs else [([src], dst) for src, dst in (a.models, a.models[::-1])]
+    directions += [(list(a.joint), dst) for dst in a.models if a.joint and dst not in a.joint]
+    for srcs, dst in directions:
+        if len(srcs) == 1:
+            cs, ss_src = setups[srcs[0]]
+            gnns = []
+            for seed in range(a.seeds):
+                pol_src = pipeline.mixture_policy(cs, ss_src)
+                _, _, state = _search(cs, ss_src, "ppo", seed, a.budget, pol_src, tag="train_")
+                gnns.append(state.agent.params["gnn"])
+        else:
+            gnns = [_joint_gnn(a, setups, srcs, seed) for seed in range(a.seeds)]
+        key = f"{'+'.join(srcs)}->{dst}"
+        rows = _apply(a, setups, dst, gnns, untrained[dst])
         out["directions"][key] = rows
         for k, v in rows.items():
             print(f"{key:>20} {k:>16}: {_mean_std(v)}  per seed {[round(x, 4) for x in v]}",
