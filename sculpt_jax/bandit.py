@@ -437,6 +437,7 @@ def make_joint_update(policies: Sequence[MixturePolicy], config: Any = None) -> 
                              f"({len(policies)})")  # fmt: skip
         g0, corr = state.params["gnn"], tuple(state.params["correction"])
         olds = [{"gnn": g0, "correction": c} for c in corr]
+        # one model uses the key itself, so the K = 1 case is exactly the single-model update
         keys = jax.random.split(key, len(policies)) if len(policies) > 1 else [key]
         steps = [one_model(k, olds[k], obs[k], actions[k], log_prob[k], reward[k], keys[k])
                  for k in range(len(policies))]  # fmt: skip

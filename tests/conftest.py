@@ -15,27 +15,33 @@ from sculpt_jax.config import use_fast_prng  # noqa: E402
 use_fast_prng()  # see its docstring: random ops otherwise compile for seconds each on XLA:CPU
 
 
-@pytest.fixture(scope="session")
-def tiny_setup():
-    """resnet8_tiny on 8x8x1 inputs with random weights, traced, with a filter-level GraphSpec."""
+def traced_model(name: str, shape: tuple[int, ...], seed: int = 0) -> dict:
+    """A zoo model with random weights (init key `seed`) on `shape` inputs, traced, with its
+    filter-level GraphSpec over the reference6 library: {model, variables, graph, spec, library}."""
     import jax
     import jax.numpy as jnp
 
     from sculpt_jax import graph, patterns, trace
     from sculpt_jax.models import get_model, init_model
 
-    model = get_model("resnet8_tiny", num_classes=10)
-    variables = init_model(model, jax.random.PRNGKey(0), (8, 8, 1))
-    lg = trace.trace_model(model.apply, variables, jnp.zeros((1, 8, 8, 1)))
+    model = get_model(name, num_classes=10)
+    variables = init_model(model, jax.random.PRNGKey(seed), shape)
+    lg = trace.trace_model(model.apply, variables, jnp.zeros((1, *shape)))
     lib = patterns.get_library("reference6")
     valid = np.stack([patterns.valid_patterns(layer, lib) for layer in lg.layers])
     spec = graph.build_graph_spec(lg, n_patterns=lib.n_patterns, valid=valid)
+    return dict(model=model, variables=variables, graph=lg, spec=spec, library=lib)
+
+
+@pytest.fixture(scope="session")
+def tiny_setup():
+    """resnet8_tiny on 8x8x1 inputs with random weights, traced, with a filter-level GraphSpec."""
+    t = traced_model("resnet8_tiny", (8, 8, 1))
     rng = np.random.default_rng(0)
     images = rng.normal(size=(96, 8, 8, 1)).astype(np.float32)
     labels = rng.integers(0, 10, size=(96,)).astype(np.int32)
     calib = rng.normal(size=(2, 32, 8, 8, 1)).astype(np.float32)
-    return dict(model=model, variables=variables, graph=lg, spec=spec, library=lib,
-                images=images, labels=labels, calib=calib)  # fmt: skip
+    return dict(t, images=images, labels=labels, calib=calib)
 
 
 def shared_data_file(name: str) -> str | None:

@@ -152,15 +152,10 @@ def test_bad_settings_are_refused(setup):
 
 def _model_policy(name, shape):
     """(policy, obs, mask) of a zoo model's graph (random weights), SIZES GNN."""
-    from sculpt_jax import patterns, trace
-    from sculpt_jax.models import get_model, init_model
+    from conftest import traced_model
 
-    model = get_model(name, num_classes=10)
-    variables = init_model(model, jax.random.PRNGKey(0), shape)
-    lg = trace.trace_model(model.apply, variables, jnp.zeros((1, *shape)))
-    lib = patterns.get_library("reference6")
-    valid = np.stack([patterns.valid_patterns(layer, lib) for layer in lg.layers])
-    spec = graph_lib.build_graph_spec(lg, n_patterns=lib.n_patterns, valid=valid)
+    t = traced_model(name, shape)
+    spec, variables, lib = t["spec"], t["variables"], t["library"]
     d = decode.make_decoder(spec, graph_lib.importance_order(spec, variables), lib, target=0.5)
     policy = bandit.make_mixture_policy(spec, d.action_mask, init_std=1.0, init_std_layer=0.5,
                                         **SIZES)  # fmt: skip

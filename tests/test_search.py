@@ -162,20 +162,15 @@ def test_successive_halving_scores_exactly(tiny_setup):
     np.testing.assert_array_equal(got["images"], np.where(promoted, 96, 32))
 
 
-def test_joint_search_trains_one_policy_on_two_models_on_budget(proposal_setup, tiny_setup):
+def test_joint_search_trains_one_policy_on_two_models_on_budget(proposal_setup):
     """`make_joint_search`: two models (the tiny ResNet and a tiny VGG) in one compiled program,
     every candidate of each on its own budget, each model's trust region held, the shared GNN
     fitted to both."""
-    from sculpt_jax import patterns, trace
-    from sculpt_jax.models import get_model, init_model
+    from conftest import traced_model
 
     e1, d1, p1, _ = proposal_setup
-    model = get_model("vgg_tiny", num_classes=10)
-    v = init_model(model, jax.random.PRNGKey(1), (32, 32, 3))
-    lg = trace.trace_model(model.apply, v, jnp.zeros((1, 32, 32, 3)))
-    lib = patterns.get_library("reference6")
-    valid = np.stack([patterns.valid_patterns(layer, lib) for layer in lg.layers])
-    spec = graph_lib.build_graph_spec(lg, n_patterns=lib.n_patterns, valid=valid)
+    t = traced_model("vgg_tiny", (32, 32, 3), seed=1)
+    model, v, spec, lib = t["model"], t["variables"], t["spec"], t["library"]
     rng = np.random.default_rng(1)
     images = rng.normal(size=(64, 32, 32, 3)).astype(np.float32)
     e2 = env_lib.make_env(model.apply, v, spec, images, rng.integers(0, 10, 64).astype(np.int32),

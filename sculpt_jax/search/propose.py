@@ -26,8 +26,9 @@ the method learns from the accuracies. Methods differ only in how they propose a
 
 `make_proposal_search` returns ``init(key) -> SearchState`` and ``iterate(consts, state) ->
 (state, outputs)`` with the same state and outputs as `search.ppo`, so `search.runner` checkpoints,
-logs and resumes every method alike. `make_joint_search` runs the ``ppo`` method on several models
-at once with one shared GNN (`bandit.make_joint_update`), for policies that transfer. Reward: the candidate's accuracy when on budget, else
+logs and resumes every method alike. `make_joint_search` runs the ``ppo`` method on several
+models at once with one shared GNN (`bandit.make_joint_update`), for policies that transfer (no
+runner: it neither checkpoints nor resumes). Reward: the candidate's accuracy when on budget, else
 ``accuracy - 1 - |reduction - target|`` (never better than an on-budget one); only on-budget
 candidates scored on the full reward set enter the kept top-K.
 """
@@ -316,9 +317,10 @@ def make_joint_search(envs: Sequence[Env], decoders: Sequence[Decoder],
     mean plus its correction), they are decoded on its budget and scored on its reward set as in
     `make_proposal_search`, and `bandit.make_joint_update` improves each model's distribution in
     its own trust region and fits the shared GNN to all of them: the GNN learns what the K models
-    have in common, which is what starts a search on a model it never saw (`--policy-from`; the
-    observations are one batch of the K graphs, each padded as `graph` pads). ``iterate(consts
-    [K], state) -> (state, {"metrics": {name: [K]}})``; jittable (one program for all K models).
+    have in common, which is what starts a search on a model it never saw (`--policy-from`).
+    The K graphs stay K observations (the GNN runs once per model inside the one program), not
+    one `jraph.batch`. ``iterate(consts [K], state) -> (state, {"metrics": {name: [K]}})``;
+    jittable. Not checkpointed: a killed joint run starts again.
     """
     k_models = len(envs)
     if not k_models == len(decoders) == len(policies):
