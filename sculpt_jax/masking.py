@@ -359,7 +359,7 @@ def pattern_ids_to_masks(
         put(layer.kernel_path, pat.canonical_to_kernel(canon, layer))
         f = canon.shape[-1]
         alive = (jnp.max(canon.reshape(-1, f), axis=0) > 0).astype(jnp.float32)
-        for ap in layer.affine_paths:
+        for ap in layer.zeroed_affine_paths:
             put(ap, alive)
 
     return map_with_path(

@@ -123,6 +123,10 @@ class _Derived:
     elem: Any = None  # np.ndarray (flat leaf element per entry), _WILD, or None (unknown)
     origin: _Origin | None = None
     value: np.ndarray | None = None  # known constant value (constants only)
+    # True when zeroing the "params" leaves it depends on makes it exactly zero (a leaf, a
+    # product with one, a sum of such); False e.g. for exp(p) or p + 1, whose leaves a mask must
+    # not zero as if they were a bias (see `_zero_ok`).
+    zero_ok: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -620,17 +624,18 @@ class _Tracer:
                         if name not in _STRUCTURAL
                         else _np_struct(name, eqn.params, elem, shapes[0])
                     )
-                return [_Derived(v0.deps, elem, origin)]
+                return [_Derived(v0.deps, elem, origin, zero_ok=v0.zero_ok)]
             if name in _ELEMENTWISE:
-                return [_Derived(deps, _merge_elem(ins, shapes[0]))]
+                return [_Derived(deps, _merge_elem(ins, shapes[0]), zero_ok=_zero_ok(name, ins))]
         return [_Derived(deps) for _ in shapes]
 
     # ---- elementwise --------------------------------------------------------------------
 
     def elementwise(self, name: str, ins: list, out_shape: tuple) -> _Act:
         acts = [v for v in ins if _is_act(v)]
-        if name in _AFFINE_OPS and len(acts) == 1:
-            self.detect_affine(acts[0], [v for v in ins if not _is_act(v)], out_shape)
+        if name in _AFFINE_OPS and len(acts) == 1 and (name != "div" or _is_act(ins[0])):
+            others = [v for v in ins if not _is_act(v)]
+            self.detect_affine(acts[0], others, out_shape, divisor=name == "div")
         if len(acts) == 1:
             return _Act({p: _bcast(a, out_shape) for p, a in acts[0].prov.items()})
         # coupling: distinct real producers meeting at the same element
@@ -665,7 +670,11 @@ class _Tracer:
         _set_alive(out, alive)
         return _Act(out)
 
-    def detect_affine(self, act: _Act, others: list, out_shape: tuple) -> None:
+    def detect_affine(self, act: _Act, others: list, out_shape: tuple, divisor: bool) -> None:
+        """Record per-filter "params" leaves applied elementwise to layer output `act`: as
+        affine (counted, removed with their filter) when zeroing them zeroes the term
+        (`_Derived.zero_ok`), as affine and divisor (removed with the filter, never zeroed: 0 / 0
+        is NaN) when they divide the activation."""
         if len(act.prov) != 1:
             return
         ((p, idx),) = act.prov.items()
@@ -676,7 +685,7 @@ class _Tracer:
         if not (idx >= 0).all():
             return
         for v in others:
-            if not v.deps or not isinstance(v.elem, np.ndarray):
+            if not v.deps or not isinstance(v.elem, np.ndarray) or not (divisor or v.zero_ok):
                 continue
             if not np.array_equal(_bcast(v.elem, out_shape), idx):
                 continue
@@ -688,6 +697,8 @@ class _Tracer:
                     continue
                 if path not in layer["affine"]:
                     layer["affine"].append(path)
+                if divisor and path not in layer["divisors"]:
+                    layer["divisors"].append(path)
 
     # ---- data movement ------------------------------------------------------------------
 
@@ -870,7 +881,7 @@ class _Tracer:
         self.kernel_users[origin.path] = index
         if any(f["name"] == fields["name"] for f in self.layers):
             fields["name"] = "/".join(origin.path[1:])
-        fields.update(index=index, affine=[], source_line=self.where(eqn))
+        fields.update(index=index, affine=[], divisors=[], source_line=self.where(eqn))
         self.layers.append(fields)
         return index
 
@@ -1084,6 +1095,31 @@ def _make_sources(chans: dict[int, np.ndarray]) -> tuple[InputSource, ...]:
     return tuple(out)
 
 
+# Unary ops with f(0) == 0: zeroing their input's leaves zeroes their output.
+_ZERO_AT_ZERO = {
+    *"neg abs sign sqrt cbrt square tanh sin tan sinh asinh asin atan atanh erf erf_inv".split(),
+    *"expm1 log1p floor ceil round real imag conj copy copy_p".split(),
+    *"convert_element_type reduce_precision".split(),
+}
+
+
+def _zero_ok(name: str, ins: list) -> bool:
+    """`_Derived.zero_ok` of an elementwise op on values without activations."""
+
+    def zero(v) -> bool:  # zero once the leaves are zeroed: zero_ok, or a known zero constant
+        return v.zero_ok if v.deps else v.value is not None and not np.any(v.value)
+
+    if name in _ZERO_AT_ZERO:
+        return len(ins) == 1 and zero(ins[0])
+    if name in ("mul", "and"):
+        return any(zero(v) for v in ins)
+    if name in ("add", "sub", "add_any", "max", "min"):
+        return all(zero(v) for v in ins)
+    if name == "div":  # 0 / d, with a denominator no mask touches
+        return zero(ins[0]) and not any(p[0] == "params" for p in ins[1].deps)
+    return False
+
+
 def _merge_elem(ins: list, shape: tuple) -> Any:
     arrs = []
     for v in ins:
@@ -1104,7 +1140,7 @@ def _index0(v: Any, i: int, shape: tuple) -> Any:
         return _Act({p: _bcast(a, shape)[i] for p, a in v.prov.items()})
     elem = v.elem[i] if isinstance(v.elem, np.ndarray) else v.elem
     value = v.value[i] if v.value is not None else None
-    return _Derived(v.deps, elem, None, value)
+    return _Derived(v.deps, elem, None, value, v.zero_ok)
 
 
 def _stack(vals: list, shape: tuple) -> Any:
@@ -1185,7 +1221,7 @@ def trace_model(
         else:
             elem = _WILD if not shape else None
         origin = _Origin(p, shape, tuple((i,) for i in range(len(shape))))
-        args.append(_Derived(frozenset([p]), elem, origin))
+        args.append(_Derived(frozenset([p]), elem, origin, zero_ok=p[0] == "params"))
     args.append(_Act({ALWAYS_ALIVE: np.broadcast_to(np.zeros((), np.int32), x1.shape)}))
     outs = tracer.eval_closed(closed, args)
 
@@ -1221,6 +1257,7 @@ def _finish(tracer: _Tracer, x1: Any, output_sources: tuple) -> LayerGraph:
                 kind=f["kind"],
                 kernel_path=f["kernel_path"],
                 affine_paths=tuple(f["affine"]),
+                divisor_paths=tuple(f["divisors"]),
                 kernel_shape=f["kernel_shape"],
                 kernel_spatial_axes=f["kernel_spatial_axes"],
                 kernel_in_axes=f["kernel_in_axes"],

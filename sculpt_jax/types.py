@@ -56,6 +56,8 @@ class Layer:
       affine_paths: paths of 1-D per-output-channel leaves applied elementwise to this layer's output
         before any other prunable op (own bias, BatchNorm scale and bias). When a filter is removed
         entirely, these entries are zeroed too, which makes the channel exactly zero after BN.
+        A leaf is affine only where zeroing it zeroes its term (a leaf, a product with one, a sum
+        of such; not exp(p) or p + 1), or where it divides the output (`divisor_paths`).
       kernel_shape: shape of the weight leaf as stored.
       kernel_spatial_axes / kernel_in_axes / kernel_out_axes: which kernel axes are spatial,
         contracted input features and output features (conv HWIO: (0, 1), (2,), (3,); dense (in,
@@ -78,6 +80,9 @@ class Layer:
       cell_positions: per spatial kernel cell (row-major over kernel_spatial_axes), the number of
         output positions per example at which it reads an in-bounds input; () means every cell at
         every one of the n_positions (no padding, or a dense layer). See `cell_position_counts`.
+      divisor_paths: the affine_paths that divide the output (``y / t``): counted and removed
+        with their filter like the others, but masks keep them (zeroing a divisor gives 0 / 0);
+        the removed filter's output is zero without it. See `zeroed_affine_paths`.
     """
 
     index: int
@@ -104,6 +109,12 @@ class Layer:
     depth: int
     source_line: str = ""
     cell_positions: tuple[int, ...] = ()
+    divisor_paths: tuple[Path, ...] = ()
+
+    @property
+    def zeroed_affine_paths(self) -> tuple[Path, ...]:
+        """The affine_paths a mask zeroes when the filter is removed (all but the divisors)."""
+        return tuple(p for p in self.affine_paths if p not in self.divisor_paths)
 
     @property
     def cell_position_counts(self) -> tuple[int, ...]:

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from sculpt_jax import compact as C
 from sculpt_jax import masking, trace
@@ -283,3 +284,46 @@ def test_apply_fn_closing_over_constants():
     fn, cv, _ = C.compact(apply, v, trace.trace_model(apply, v, x1), None, x1)
     xb = jax.random.randint(jax.random.key(1), (4, *x.shape[1:]), 0, 256).astype(jnp.uint8)
     np.testing.assert_allclose(np.asarray(fn(cv, xb)), np.asarray(apply(v, xb)), atol=1e-4, rtol=0)
+
+
+class _PerChannelNet(nn.Module):
+    """conv -> a per-channel parameter `t` applied as `op` -> relu -> conv -> dense."""
+
+    op: str
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        y = nn.Conv(8, (3, 3))(x)
+        t = self.param("t", lambda k, s: 1.0 + jax.random.uniform(k, s), (8,))
+        y = {"div": lambda: y / t, "exp_bias": lambda: y + jnp.exp(t), "mul": lambda: y * t}[
+            self.op
+        ]()
+        y = nn.Conv(8, (3, 3))(nn.relu(y))
+        return nn.Dense(10)(y.mean((1, 2)))
+
+
+@pytest.mark.parametrize(
+    "op, affine, zeroed",
+    [("div", True, False), ("exp_bias", False, False), ("mul", True, True)],
+)
+def test_per_channel_parameter_kinds(op, affine, zeroed):
+    # A divisor `y / t` is removed with its filter but never zeroed (0 / 0 made the masked model
+    # NaN); `y + exp(t)` is no bias (zeroing t gives y + 1, a different model), so masks keep it.
+    model = _PerChannelNet(op)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    v = model.init(jax.random.key(1), x)
+    graph = trace.trace_model(model.apply, v, x)
+    layer = graph.layers[0]
+    assert (("params", "t") in layer.affine_paths) == affine
+    assert (("params", "t") in layer.zeroed_affine_paths) == zeroed
+    ids = {0: jnp.asarray([0, 0, 1, 2, 3, 4, 5, 5], jnp.int32)}  # two filters removed (0: empty)
+    masks = masking.pattern_ids_to_masks(graph, v, ids)
+    np.testing.assert_array_equal(np.asarray(masks["t"]), [0, 0, 1, 1, 1, 1, 1, 1] if zeroed else 1)
+    masked = masking.apply_masks(v, masks)
+    ref = model.apply(masked, x)
+    assert bool(jnp.isfinite(ref).all())
+    fn, cv, info = C.compact(model.apply, v, graph, masks, x)
+    np.testing.assert_allclose(np.asarray(fn(cv, x)), np.asarray(ref), atol=1e-5, rtol=0)
+    assert info["params"] == (
+        info["masked_params"] - info["dropped_kernel_entries"] - info["dropped_affine_entries"]
+    )

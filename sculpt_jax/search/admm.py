@@ -185,7 +185,7 @@ def masks_from_canonical(graph: LayerGraph, params: Any, canon: Mapping[int, Any
         c = jnp.asarray(c, jnp.float32)
         put(layer.kernel_path, pat.canonical_to_kernel(c, layer))
         alive = (jnp.max(c.reshape(-1, c.shape[-1]), axis=0) > 0).astype(jnp.float32)
-        for ap in layer.affine_paths:
+        for ap in layer.zeroed_affine_paths:
             put(ap, alive)
     return map_with_path(
         lambda path, x: overrides.get(path, jnp.ones(jnp.shape(x), jnp.float32)), ptree

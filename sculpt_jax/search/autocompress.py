@@ -139,7 +139,7 @@ def _purify_pass(graph: LayerGraph, masks: Any) -> Any:
     for layer, c, a_in, alive in zip(graph.layers, canon, input_alive, old_alive, strict=True):
         _, i, f = c.shape
         cut = c * _alive_matrix(layer, a_in, i, f)[None].astype(jnp.float32)  # rule (a)
-        if layer.affine_paths:
+        if layer.zeroed_affine_paths:
             emptied = alive & ~jnp.any(cut != 0, axis=(0, 1))
             cut = jnp.where(emptied[None, None, :], c, cut)
         new.append(cut)
@@ -172,7 +172,7 @@ def _purify_pass(graph: LayerGraph, masks: Any) -> Any:
         rel = pat.resolve_path(out, layer.kernel_path)
         out = set_at(out, rel, pat.canonical_to_kernel(c, layer).astype(jnp.float32))
         removed = alive & ~jnp.any(c != 0, axis=(0, 1))
-        for ap in layer.affine_paths:
+        for ap in layer.zeroed_affine_paths:
             rel = pat.resolve_path(out, ap)
             leaf = jnp.asarray(get_at(out, rel), jnp.float32)
             keep = jnp.where(removed, 0.0, 1.0).reshape(leaf.shape)
