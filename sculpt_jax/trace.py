@@ -48,7 +48,7 @@ Conventions beyond `sculpt_jax.types`:
   data-dependent indices raises `TraceError`.
 * ``scan`` bodies are unrolled; a prunable op inside a ``scan`` or ``cond`` body raises
   `TraceNotImplementedError`; ``while`` over activations raises `TraceError`.
-* `LayerGraph.output_sources` describes the last axis of the first activation leaf of the output.
+* `LayerGraph.output_sources` describes the last axis of every activation leaf of the output.
 
 NNX: `nnx_split` turns an ``nnx.Module`` into ``(graphdef, state)`` where ``state`` is a pure nested
 dict ``{"params": ..., "batch_stats": ..., "other": ...}`` (``nnx.Param``, ``nnx.BatchStat``,
@@ -134,6 +134,9 @@ class _Act:
     """An activation with its channel provenance (see module docstring)."""
 
     prov: dict
+    # producers whose removed filters' channels may be NONZERO in this value (an op with
+    # f(0) != 0 on the way: sigmoid, relu(x) + 1, a bias no mask zeroes); see `_keeps_zero`
+    nz: frozenset = frozenset()
 
 
 def _const(val: Any) -> _Derived:
@@ -480,6 +483,63 @@ class _Tracer:
         return self.eval_jaxpr(closed, [], args)
 
     def eval_eqn(self, eqn: Any, ins: list[Any]) -> list[Any]:
+        """Abstract values of `eqn`'s outputs; an output activation carries `_Act.nz` for the
+        producers it carries: the inputs' (`elementwise_nz` for elementwise ops)."""
+        outs = self._eval_eqn(eqn, ins)
+        acts = [v for v in ins if _is_act(v)]
+        if eqn.primitive.name in _CALLS or not acts:
+            return outs
+        if eqn.primitive.name in _ELEMENTWISE:
+            nz = self.elementwise_nz(eqn, ins)
+        else:
+            nz = frozenset().union(*(v.nz for v in acts))
+        return [_Act(o.prov, nz & set(o.prov)) if _is_act(o) and nz else o for o in outs]
+
+    def elementwise_nz(self, eqn: Any, ins: list) -> frozenset:
+        """`_Act.nz` of an elementwise op's output: producer p is in it when p's removed channels
+        may be nonzero there. A product with a term the mask zeroes with p (BN's scale) makes
+        them zero again; an op with f(0) != 0 (sigmoid, + 1, - a running mean) makes them
+        nonzero; ops with f(0) == 0 (relu, tanh, * w, / t) keep what the inputs had."""
+        name, acts = eqn.primitive.name, [v for v in ins if _is_act(v)]
+        others = [v for v in ins if not _is_act(v)]
+        known = [v.value for v in others if v.value is not None and not v.deps]
+        nz_in = frozenset().union(*(v.nz for v in acts))
+        out = set()
+        for p in {p for v in acts for p in v.prov if p >= 0}:
+            zeroed = {a for a in self.layers[p]["affine"] if a not in self.layers[p]["divisors"]}
+
+            def zero(v, zeroed=zeroed) -> bool:  # zero wherever p's channel is removed
+                if not v.deps:
+                    return v.value is not None and not np.any(v.value)
+                return v.zero_ok and all(d in zeroed for d in v.deps if d[0] == "params")
+
+            if name in ("mul", "and"):  # zero when any factor is: a zero term, or a clean act
+                keeps = True
+                clears = any(zero(v) for v in others) or any(
+                    p in v.prov and p not in v.nz for v in acts
+                )
+            elif name in _ZERO_AT_ZERO:
+                keeps, clears = True, False
+            elif name == "integer_pow":
+                keeps, clears = int(eqn.params["y"]) > 0, False
+            elif name == "div":
+                keeps, clears = _is_act(ins[0]), False
+            elif name in ("add", "sub", "add_any"):
+                keeps, clears = all(zero(v) for v in others), False
+            elif name in ("max", "min") and len(known) == len(others):
+                keeps = all(np.all(c <= 0) if name == "max" else np.all(c >= 0) for c in known)
+                clears = False
+            elif name in ("max", "min"):
+                keeps, clears = all(zero(v) for v in others), False
+            elif name == "clamp" and _is_act(ins[1]) and len(known) == 2 == len(others):
+                keeps, clears = bool(np.all(known[0] <= 0) and np.all(known[1] >= 0)), False
+            else:
+                keeps, clears = False, False
+            if not clears and (not keeps or p in nz_in):
+                out.add(p)
+        return frozenset(out)
+
+    def _eval_eqn(self, eqn: Any, ins: list[Any]) -> list[Any]:
         name = eqn.primitive.name
         shapes = [tuple(v.aval.shape) if hasattr(v.aval, "shape") else () for v in eqn.outvars]
         if name in _CALLS:
@@ -969,6 +1029,7 @@ class _Tracer:
             ),
             macs=sum(cells) * (cin // groups) * cout,
             sources=self.sources(lhs.prov, in_shape, [lhs_spec[1]], np.arange(cin)),
+            nonzero_dead=sorted(p for p in lhs.nz if p in lhs.prov),
         )
         index = self.new_layer(eqn, origin, fields)
         shape = [1] * len(out_shape)
@@ -1025,6 +1086,7 @@ class _Tracer:
             n_positions=n_pos,
             macs=n_pos * n_in * n_out,
             sources=self.sources(ins[1 - k_side].prov, a_shape, list(ac), in_ids),
+            nonzero_dead=sorted(p for p in ins[1 - k_side].nz if p in ins[1 - k_side].prov),
         )
         index = self.new_layer(eqn, origin, fields)
         # output layout: lhs free dims then rhs free dims
@@ -1225,16 +1287,14 @@ def trace_model(
     args.append(_Act({ALWAYS_ALIVE: np.broadcast_to(np.zeros((), np.int32), x1.shape)}))
     outs = tracer.eval_closed(closed, args)
 
-    # model output: last axis of the first activation leaf
+    # model output: the last axis of every activation leaf, in order
     output_sources: tuple[InputSource, ...] = ()
     out_avals = [tuple(v.aval.shape) for v in closed.jaxpr.outvars]
     for v, s in zip(outs, out_avals, strict=True):
         if _is_act(v):
             full = s if s else (1,)
             prov = {p: _bcast(a, s).reshape(full) for p, a in v.prov.items()}
-            s = full
-            output_sources = tracer.sources(prov, s, [len(s) - 1], np.arange(s[-1]))
-            break
+            output_sources += tracer.sources(prov, full, [len(full) - 1], np.arange(full[-1]))
     return _finish(tracer, x1, output_sources)
 
 
@@ -1258,6 +1318,7 @@ def _finish(tracer: _Tracer, x1: Any, output_sources: tuple) -> LayerGraph:
                 kernel_path=f["kernel_path"],
                 affine_paths=tuple(f["affine"]),
                 divisor_paths=tuple(f["divisors"]),
+                nonzero_dead_sources=tuple(f["nonzero_dead"]),
                 kernel_shape=f["kernel_shape"],
                 kernel_spatial_axes=f["kernel_spatial_axes"],
                 kernel_in_axes=f["kernel_in_axes"],

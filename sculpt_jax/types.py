@@ -83,6 +83,10 @@ class Layer:
       divisor_paths: the affine_paths that divide the output (``y / t``): counted and removed
         with their filter like the others, but masks keep them (zeroing a divisor gives 0 / 0);
         the removed filter's output is zero without it. See `zeroed_affine_paths`.
+      nonzero_dead_sources: producers whose removed filters' channels reach this layer's input
+        NOT as zeros (an op with f(0) != 0 on the way: sigmoid, ``relu(x) + 1``): constants that
+        compaction folds, but a kernel entry reading them is not redundant (AutoCompress's
+        purification keeps it).
     """
 
     index: int
@@ -110,6 +114,7 @@ class Layer:
     source_line: str = ""
     cell_positions: tuple[int, ...] = ()
     divisor_paths: tuple[Path, ...] = ()
+    nonzero_dead_sources: tuple[int, ...] = ()
 
     @property
     def zeroed_affine_paths(self) -> tuple[Path, ...]:
@@ -145,7 +150,8 @@ class LayerGraph:
     Attributes:
       layers: prunable layers in topological order.
       input_shape: per-example input shape (no batch dim).
-      output_sources: where the model output's features come from (as an `InputSource` tuple).
+      output_sources: where the model output's features come from (as an `InputSource` tuple),
+        the last axis of every activation leaf of the output, leaf after leaf.
       coupled_groups: tuples of layer indices whose outputs are summed channel-by-channel somewhere
         (residual adds, transitively closed). Every layer is in exactly one group (singletons too).
       other_flops: FLOPs per example of every non-prunable op (elementwise, pooling, normalisation,

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
-from sculpt_jax import flops, masking
+from sculpt_jax import flops, masking, trace
 from sculpt_jax import patterns as pat
 from sculpt_jax.search import admm, anneal
 from sculpt_jax.search import autocompress as ac
@@ -251,3 +252,41 @@ def test_pattern_scheme_matches_rate_and_bad_inputs_are_rejected(tiny_setup):
         admm.scheme_masks(g, t["variables"], np.zeros(6), "channels")
     with pytest.raises(ValueError, match="target must be in"):
         ac.round_targets(1.2, 3)
+
+
+class _TwoOutputNet(nn.Module):
+    """conv1 -> `act` -> conv2 -> (dense logits, and conv1's output as a second output)."""
+
+    act: str
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        h = nn.Conv(6, (3, 3), use_bias=True, name="conv1")(x)
+        a = {"sigmoid": nn.sigmoid, "relu_plus_1": lambda z: nn.relu(z) + 1.0, "relu": nn.relu}
+        y = nn.Conv(6, (3, 3), name="conv2")(a[self.act](h))
+        return nn.Dense(4)(y.mean((1, 2))), h.mean((1, 2))
+
+
+@pytest.mark.parametrize("act, nonzero", [("sigmoid", True), ("relu_plus_1", True), ("relu", False)])
+def test_purification_is_output_preserving_after_nonlinearities_and_with_two_outputs(act, nonzero):
+    # A removed conv1 filter reaches conv2 as sigmoid(0) = 0.5 or relu(0) + 1 = 1, not zero:
+    # conv2's entries reading it are not redundant. And conv1's filters feed the second output, so
+    # none is "unread". (Both used to change the outputs by 0.29-0.58.)
+    model = _TwoOutputNet(act)
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+    v = model.init(jax.random.key(1), x)
+    g = trace.trace_model(model.apply, v, x)
+    assert g.layers[1].nonzero_dead_sources == ((0,) if nonzero else ())
+    assert {s.producer for s in g.output_sources} >= {0, 2}
+    c0 = np.ones((9, 3, 6), np.float32)
+    c0[..., :2] = 0.0  # conv1 filters 0 and 1 removed
+    c1 = np.ones((9, 6, 6), np.float32)
+    c1[:, 3, :] = 0.0  # conv2 reads nothing of conv1's channel 3 (which still feeds output 2)
+    masks = admm.masks_from_canonical(g, v, {0: c0, 1: c1})
+    pure = ac.purify(g, masks)
+    out = jax.jit(lambda m: model.apply(masking.apply_masks(v, m), x))
+    for o_pure, o_masks in zip(out(pure), out(masks), strict=True):
+        np.testing.assert_allclose(np.asarray(o_pure), np.asarray(o_masks), atol=1e-5, rtol=0)
+    k2 = np.asarray(pure["conv2"]["kernel"])
+    assert np.all(k2[:, :, :2, :] != 0) == nonzero  # rule (a) only where the channel is zero
+    assert np.all(np.asarray(pure["conv1"]["kernel"])[..., 3] != 0)  # read by output 2: kept
