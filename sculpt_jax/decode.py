@@ -202,23 +202,22 @@ def make_decoder(
     def bisect(ids_of, lo, hi):
         """Bracket the target between R(lo) <= target <= R(hi) and return the closer side."""
 
-        def reduction(x):
-            return measure(ids_of(x))[key]
-
         def body(_, carry):
-            lo, hi, r_lo, r_hi = carry
+            lo, hi, ids_lo, ids_hi = carry
             mid = 0.5 * (lo + hi)
-            r = reduction(mid)
-            below = r <= target
+            ids = ids_of(mid)
+            below = measure(ids)[key] <= target
             return (jnp.where(below, mid, lo), jnp.where(below, hi, mid),
-                    jnp.where(below, r, r_lo), jnp.where(below, r_hi, r))  # fmt: skip
+                    jnp.where(below, ids, ids_lo), jnp.where(below, ids_hi, ids))  # fmt: skip
 
-        init = (jnp.float32(lo), jnp.float32(hi), reduction(lo), reduction(hi))
-        lo, hi, r_lo, r_hi = jax.lax.fori_loop(0, iterations, body, init)
+        init = (jnp.float32(lo), jnp.float32(hi), ids_of(jnp.float32(lo)), ids_of(jnp.float32(hi)))
+        # The ids measured at each end travel with it: computed again after the loop, they could
+        # differ (at a one-ulp bracket, XLA's fusion of the same expression can flip a floor), and
+        # the repair below would then see two equal sides (measured: 0.61 pp off inside a search).
+        lo, hi, ids_lo, ids_hi = jax.lax.fori_loop(0, iterations, body, init)
         # Repair a step that moved several filters at once: switch the filters from the lo side's
         # pattern to the hi side's one at a time, in placement order. Every switch only prunes
         # more, so the reduction is monotone in the number switched: bisect on it, keep the closer.
-        ids_lo, ids_hi = ids_of(lo), ids_of(hi)
 
         def switched(k):
             return jnp.where(pos_j < k, ids_hi, ids_lo)
