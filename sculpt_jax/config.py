@@ -124,6 +124,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.autocompress.t_stop = 20.0
     c.autocompress.cooling = 0.9
     c.autocompress.perturbation = 0.35
+    # ADMM: smoke-sized here (the digits job); the paper-table configs set real budgets
+    # (experiments/configs/_common.py: CIFAR 30 x 1,720 steps, ImageNet 10 x 5,000)
     c.autocompress.admm_iterations = 3
     c.autocompress.admm_steps = 10  # SGD W-steps per ADMM iteration
     c.autocompress.rho = 1e-4

@@ -161,14 +161,17 @@ def masked(
 
     Args:
       inner: the optimizer to wrap.
-      masks: float 0/1 pytree mirroring the params passed to `init`.
+      masks: float 0/1 pytree mirroring the params passed to `init`, or None: all ones at
+        `init` (set the real ones with `update_masks`, or `finetune.create_train_state(masks=)`),
+        for an optimizer built before the masks are known.
     """
     inner = optax.with_extra_args_support(inner)
-    init_masks = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), masks)
+    init_masks = None if masks is None else jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), masks)
 
     def init_fn(params):
-        _paired_leaves(params, init_masks, "masked().init")
-        return MaskedState(inner.init(params), init_masks)
+        m = ones_masks(params) if init_masks is None else init_masks
+        _paired_leaves(params, m, "masked().init")
+        return MaskedState(inner.init(params), m)
 
     def update_fn(updates, state, params=None, **extra_args):
         treedef, ul, ml = _paired_leaves(updates, state.masks, "masked().update")

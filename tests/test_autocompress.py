@@ -204,6 +204,24 @@ def test_admm_reduces_residual_and_prunes_to_projected_support(tiny_setup):
         assert cols.sum() == round(0.5 * cols.size)
 
 
+def test_admm_w_steps_never_regrow_what_earlier_rounds_pruned(tiny_setup):
+    # The pruned entries of prev_masks stay exactly zero through the W-steps, so U never drifts
+    # there (U <- U + W - Z with W = Z = 0); before, W regrew under the CE gradient until the end.
+    t = tiny_setup
+    g, v = t["graph"], t["variables"]
+    prev = admm.scheme_masks_jit(g, v["params"], np.full((6,), 0.3, np.float32), scheme="filter")
+    out = admm.run_admm(
+        t["model"].apply, v, g, np.full((6,), 0.5, np.float32), t["images"], t["labels"],
+        scheme="column", prev_masks=prev, rho=1.0, iterations=3, steps_per_iteration=3, lr=0.05,
+    )  # fmt: skip
+    for j, li in enumerate(admm.default_layers(g)):
+        path = g.layers[li].kernel_path[1:]
+        pruned = np.asarray(get_at(prev, path)) == 0
+        assert pruned.any()
+        np.testing.assert_array_equal(np.asarray(out["u"][j])[pruned], 0.0)
+        np.testing.assert_array_equal(np.asarray(get_at(out["masks"], path))[pruned], 0.0)
+
+
 def test_progressive_targets_compound():
     s, rounds = 0.6, 3
     p = ac.per_round_target(s, rounds)
@@ -252,6 +270,20 @@ def test_pattern_scheme_matches_rate_and_bad_inputs_are_rejected(tiny_setup):
         admm.scheme_masks(g, t["variables"], np.zeros(6), "channels")
     with pytest.raises(ValueError, match="target must be in"):
         ac.round_targets(1.2, 3)
+
+
+def test_unreachable_target_is_refused_before_any_work(tiny_setup, monkeypatch):
+    # Only column pruning at <= 20% per layer cannot remove 60% of the FLOPs: one error naming
+    # the maximum and the fixes, before annealing or ADMM start (it used to return a model short
+    # of the target without a word).
+    t = tiny_setup
+    monkeypatch.setattr(ac.anneal, "anneal", lambda *a, **k: pytest.fail("annealing started"))
+    with pytest.raises(ValueError, match=r"cannot reach a flops reduction of 0.6.*max_rate 0.2"):
+        ac.run_autocompress(
+            t["model"].apply, t["variables"], t["graph"], (t["images"], t["labels"]), target=0.6,
+            scheme="column", max_rate=0.2, reward_images=t["images"], reward_labels=t["labels"],
+            progress=False,
+        )  # fmt: skip
 
 
 class _TwoOutputNet(nn.Module):

@@ -117,6 +117,11 @@ def test_config_loads_locks_and_is_sane(name, variant):
         assert cfg.search.top_k == 1
         assert cfg.search.reward_set_size <= 128
         assert not cfg.pretrain.checkpoint
+        assert cfg.autocompress.admm_iterations * cfg.autocompress.admm_steps <= 64
+    elif cfg.dataset != "digits":  # paper rows: AutoCompress's ADMM trains for >= 1 epoch
+        n_train = 45000 if cfg.dataset.startswith("cifar") else 1_000_000
+        ac = cfg.autocompress
+        assert ac.admm_iterations * ac.admm_steps * cfg.finetune.batch_size >= n_train
     # Every variant gets its own workdir.
     assert cfg.workdir.startswith("runs/" + name[:-3])
     if variant:

@@ -302,6 +302,9 @@ def _cached_admm_fns(apply_fn, graph, layers, scheme, rho, lr, library):
         if k == key:
             return fns
     tx = finetune.make_optimizer("sgd", lr=lr, momentum=0.9, weight_decay=0.0, schedule="constant")
+    # The masks live in the optimizer state (`run_admm` puts each round's prev_masks there), so
+    # weights pruned by earlier rounds stay exactly zero through the W-steps, one compile for all.
+    tx = masking.masked(tx, None)
     fns = (tx, *make_admm_fns(apply_fn, graph, layers, scheme, tx, rho=rho, library=library))
     _ADMM_CACHE[key] = fns
     while len(_ADMM_CACHE) > 4:
@@ -336,7 +339,8 @@ def run_admm(
     """ADMM structured pruning at fixed per-layer `rates`, then hard pruning (host loop).
 
     Loop: Z0 = proj(W), U0 = 0; per iteration: `steps_per_iteration` W-steps (SGD momentum 0.9 on
-    ``CE + rho/2 ||W - Z + U||^2``, batches from `data.iterate_batches`), Z = proj(W + U),
+    ``CE + rho/2 ||W - Z + U||^2``, batches from `data.iterate_batches`; the weights `prev_masks`
+    prunes are held exactly zero, `masking.masked`, so nothing pruned earlier regrows), Z = proj(W + U),
     U <- U + W - Z. Finally masks = the support of the last Z-step (exactly the projection's
     support) and the weights are multiplied by them.
 
@@ -351,7 +355,7 @@ def run_admm(
     if prev_masks is None:
         prev_masks = masking.ones_masks(variables)
     tx, w_step, z_step = _cached_admm_fns(apply_fn, graph, layers, scheme, rho, lr, library)
-    state = finetune.create_train_state(None, variables, tx)
+    state = finetune.create_train_state(None, variables, tx, masks=prev_masks)
     rates = jnp.asarray(rates, jnp.float32)
     u = [jnp.zeros(w.shape, w.dtype) for w in _kernels(graph, state.params, layers)]
     z, masks, _, _ = z_step(state.params, u, u, rates, prev_masks)  # Z0 = proj(W), U0 = 0

@@ -222,6 +222,20 @@ def _split_arrays(splits_or_arrays: Any, name: str):
     return None if split is None else split.arrays
 
 
+def _check_reachable(constrain, variables, n_layers, target, kind, max_rate, scheme) -> None:
+    """ValueError, before any work, when every pruned layer at `max_rate` misses the target (the
+    hard constraint would otherwise return a model short of it)."""
+    full = jnp.full((n_layers,), max_rate, jnp.float32)
+    ones = masking.ones_masks(variables)
+    best = float(constrain(variables, ones, full, full, jnp.float32(target))[1])
+    if best < target:
+        raise ValueError(
+            f"AutoCompress cannot reach a {kind} reduction of {target}: every pruned layer at "
+            f"max_rate {max_rate} with scheme {scheme!r} gives {best:.4f}. Lower the target, raise "
+            "max_rate (autocompress.max_rate), or prune more layers / another scheme."
+        )
+
+
 def run_autocompress(
     apply_fn: Callable,
     variables: Mapping[str, Any],
@@ -293,6 +307,7 @@ def run_autocompress(
         library=library,
     )  # fmt: skip
     weight_counts = [graph.layers[i].params for i in layers]
+    _check_reachable(constrain, variables, len(layers), target, target_kind, max_rate, scheme)
 
     @jax.jit
     def score(cur, prev_masks, rates):
