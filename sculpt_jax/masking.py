@@ -155,7 +155,10 @@ def masked(
     schedules, clipping). When `update` is called without params, masked updates are 0, which keeps
     already-zero params zero.
 
-    Works as any element of `optax.chain` (e.g. after `clip_by_global_norm`) and around a chain.
+    Exact only as the LAST transform: wrapping the whole optimizer, or the last element of an
+    `optax.chain` (e.g. after `clip_by_global_norm`). A transform after it rescales or changes the
+    ``-p`` it returns (``optax.chain(masked(adam), scale(0.5))`` halves pruned weights instead of
+    zeroing them); `check_exact(tx, params, masks)` proves the position with one probe update.
     (Unrelated to `optax.masked`, which applies a transform to a subset of the params.)
     Swap masks with `update_masks(opt_state, new_masks)` (same shapes: no recompilation).
 
@@ -191,6 +194,34 @@ def masked(
         return jax.tree.unflatten(treedef, out), MaskedState(inner_state, state.masks)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def check_exact(tx: optax.GradientTransformation, params: Any, masks: Any) -> None:
+    """Raises ValueError unless one update of `tx` (random gradients, from `params` with the
+    pruned entries set to 1) leaves every pruned entry exactly zero: i.e. unless `tx` holds a
+    `masked` optimizer as its last transform with these masks. Host-side, one step; call it once
+    on an optimizer you built yourself before training with it."""
+    _paired_leaves(params, masks, "check_exact")
+    probe = jax.tree.map(lambda p, m: jnp.where(m != 0, p, 1.0).astype(jnp.float32), params, masks)
+    leaves, treedef = jax.tree.flatten(probe)
+    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+    grads = jax.tree.unflatten(
+        treedef, [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    )
+    state = tx.init(probe)
+    updates, _ = tx.update(grads, state, probe)
+    new = optax.apply_updates(probe, updates)
+    bad = [
+        path_str(path)
+        for (path, x), m in zip(flatten_with_paths(new).items(), jax.tree.leaves(masks), strict=True)
+        if bool(jnp.any((jnp.asarray(m) == 0) & (x != 0)))
+    ]
+    if bad:
+        raise ValueError(
+            f"pruned weights of {bad[:3]} are not zero after one update: masking.masked must be the "
+            "last transform of the optimizer (wrap the whole chain, masked(optax.chain(...), "
+            "masks), or put it last in the chain) and hold these masks."
+        )
 
 
 def _map_masked_states(state: Any, fn, found: list) -> Any:

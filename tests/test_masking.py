@@ -428,6 +428,21 @@ def test_masked_inside_chain_and_unmasked_start():
     )
 
 
+def test_masked_is_exact_only_last_and_check_exact_says_so():
+    # masked() returns -p at pruned entries; a transform after it changes that (here halves it),
+    # so pruned weights are not zero. check_exact proves the position with one probe update.
+    params0, masks, _ = _toy_problem()
+    inner = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.05, momentum=0.9))
+    last = optax.chain(optax.clip(1.0), masking.masked(inner, masks))
+    for good in (masking.masked(inner, masks), last):
+        masking.check_exact(good, params0, masks)
+    bad = optax.chain(masking.masked(inner, masks), optax.scale(0.5))
+    with pytest.raises(ValueError, match="must be the last transform"):
+        masking.check_exact(bad, params0, masks)
+    with pytest.raises(ValueError, match="must be the last transform"):
+        masking.check_exact(inner, params0, masks)  # not masked at all
+
+
 def test_update_masks_no_recompile():
     params0, masks, loss = _toy_problem()
     opt = masking.masked(
