@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from sculpt_jax import config as config_lib
 
     config_lib.use_fast_prng()
+    from sculpt_jax import checkpoint as ckpt
     from sculpt_jax import pipeline
 
     try:
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         }[args.command]
         fn(cfg, overwrite=args.overwrite)
         return 0
-    except (ValueError, FileNotFoundError, KeyError, pipeline.PipelineError) as e:
+    except (ValueError, OSError, KeyError, pipeline.PipelineError, ckpt.CorruptCheckpointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -69,6 +69,24 @@ def test_bad_input_gives_one_clear_error(argv, message, tmp_path, capsys):
     assert err.startswith("error: ") and message in err, err
 
 
+def test_file_errors_and_corrupt_checkpoints_are_one_line(tmp_path, capsys, monkeypatch):
+    # a workdir that is a file (NotADirectoryError) and an unreadable checkpoint used to print
+    # tracebacks; every error the package raises reaches the user as one "error:" line
+    from sculpt_jax import checkpoint, pipeline
+
+    (tmp_path / "f").write_text("x")
+    assert cli.main(["pretrain", "--workdir", str(tmp_path / "f" / "w"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+
+    def corrupt(cfg, overwrite=False):
+        raise checkpoint.CorruptCheckpointError("checkpoint step 3 in W is unreadable; delete it")
+
+    monkeypatch.setattr(pipeline, "pretrain", corrupt)
+    assert cli.main(["pretrain", "--workdir", str(tmp_path / "w"), "--quiet"]) == 2
+    assert capsys.readouterr().err == "error: checkpoint step 3 in W is unreadable; delete it\n"
+
+
 def test_bad_budgets_fail_before_pretraining(tmp_path, capsys):
     wd = tmp_path / "w"
     assert cli.main(["run", "--model", "resnet8_tiny", "--workdir", str(wd), "--target-flops",
