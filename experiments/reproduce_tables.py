@@ -80,7 +80,9 @@ def run_config(spec: str, seed: int, out: str, overrides: dict[str, str], quiet:
     if quiet:
         over["progress"] = "false"
     config_lib.apply_overrides(cfg, over)
-    return cfg.lock()
+    from sculpt_jax import pipeline
+
+    return pipeline.validate_config(cfg).lock()
 
 
 def run_all(specs, seeds, out, overrides=None, *, quiet=False, fail_fast=False):

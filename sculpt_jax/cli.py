@@ -116,7 +116,9 @@ def parse(argv: list[str]):
         config_lib.apply_overrides(cfg, overrides)
     except (KeyError, ValueError) as e:
         parser.error(str(e.args[0] if e.args else e))
-    config_lib.validate(cfg)
+    from sculpt_jax import pipeline
+
+    pipeline.validate_config(cfg)
     return args, cfg.lock()
 
 

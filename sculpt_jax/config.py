@@ -235,6 +235,38 @@ def use_fast_prng() -> None:
     jax.config.update("jax_threefry_partitionable", False)
 
 
+SCHEDULES = ("multistep", "cosine", "constant")  # `finetune.make_lr_schedule`
+
+
+def _validate_training(cfg: ml_collections.ConfigDict) -> None:
+    """pretrain / finetune / autocompress optimiser fields (see `validate`)."""
+    for sec in ("pretrain", "finetune"):
+        t = cfg[sec]
+        if t.schedule not in SCHEDULES:
+            raise ValueError(f"{sec}.schedule={t.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if not t.lr > 0:
+            raise ValueError(f"{sec}.lr must be > 0, got {t.lr}")
+        if not (0.0 <= t.momentum < 1.0 and t.weight_decay >= 0.0):
+            raise ValueError(
+                f"{sec}.momentum must be in [0, 1) and {sec}.weight_decay >= 0, got "
+                f"{t.momentum} and {t.weight_decay}"
+            )
+    ac = cfg.get("autocompress")
+    if ac is not None:
+        if not (ac.admm_lr > 0 and ac.rho >= 0 and ac.rounds >= 1 and ac.admm_iterations >= 0
+                and ac.admm_steps >= 0):  # fmt: skip
+            raise ValueError(
+                "autocompress.admm_lr must be > 0, rho >= 0, rounds >= 1, admm_iterations and "
+                f"admm_steps >= 0; got {ac.admm_lr}, {ac.rho}, {ac.rounds}, "
+                f"{ac.admm_iterations}, {ac.admm_steps}"
+            )
+        if not 0 < ac.t_stop < ac.t0 or not 0 < ac.cooling < 1:
+            raise ValueError(
+                f"autocompress needs 0 < t_stop < t0 and 0 < cooling < 1, got t0={ac.t0}, "
+                f"t_stop={ac.t_stop}, cooling={ac.cooling}"
+            )
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks the values a run would otherwise reject only after minutes of work (host-only).
 
@@ -302,6 +334,22 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"bandit.epochs >= 1 and bandit.minibatches >= 1 dividing the {s.n_envs * s.n_steps}"
                 " samples of an iteration (search.n_envs * search.n_steps) are required"
             )
+    _validate_training(cfg)
+    if s.get("n_seeds", 1) < 1:
+        raise ValueError(f"search.n_seeds must be >= 1, got {s.n_seeds}")
+    p = cfg.ppo
+    if p.epochs < 1 or p.minibatches < 1 or (s.n_envs * s.n_steps) % p.minibatches:
+        raise ValueError(
+            f"ppo.epochs >= 1 and ppo.minibatches >= 1 dividing the {s.n_envs * s.n_steps} "
+            "transitions of a rollout (search.n_envs * search.n_steps) are required, got "
+            f"epochs={p.epochs}, minibatches={p.minibatches}"
+        )
+    val = cfg.get("val_size", -1)
+    if not isinstance(val, int) or isinstance(val, bool) or (val < 1 and val != -1):
+        raise ValueError(
+            f"val_size must be a number of training images >= 1 held out for validation (-1 = "
+            f"the dataset's default), not a fraction: got {val!r}; e.g. --config.val_size=5000"
+        )
     align = cfg.report.get("compact_align", 0)
     if not isinstance(align, int) or align < 0:
         raise ValueError(

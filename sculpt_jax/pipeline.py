@@ -28,6 +28,7 @@ import numpy as np
 
 from sculpt_jax import bandit, masking
 from sculpt_jax import checkpoint as ckpt
+from sculpt_jax import config as config_lib
 from sculpt_jax import data as data_lib
 from sculpt_jax import decode as decode_lib
 from sculpt_jax import env as env_lib
@@ -320,6 +321,21 @@ def _legacy(cfg) -> bool:
     """True for the legacy band-rule heads (and AutoCompress), which do not use the decoder."""
     sc = cfg.search
     return sc.method == "autocompress" or (sc.method == "ppo" and sc.head != "mixture")
+
+
+def validate_config(cfg):
+    """`config.validate` plus the names only the registries know (pattern library, AutoCompress
+    scheme): every field checked before any work. Returns cfg; ValueError naming the field."""
+    from sculpt_jax.search import admm
+
+    config_lib.validate(cfg)
+    if cfg.search.library not in pat.library_names():
+        raise ValueError(f"search.library={cfg.search.library!r} is not one of "
+                         f"{', '.join(pat.library_names())}")  # fmt: skip
+    if cfg.autocompress.scheme not in admm.SCHEMES:
+        raise ValueError(f"autocompress.scheme={cfg.autocompress.scheme!r} is not one of "
+                         f"{', '.join(admm.SCHEMES)}")  # fmt: skip
+    return cfg
 
 
 def check_search(cfg, s: Setup) -> None:
