@@ -602,6 +602,8 @@ def prune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=Non
         # every evaluation within the tolerance (equals in_band_rate unless successive halving
         # scored some on the first stage only)
         "on_budget_rate": _on_budget_rate(result.history),
+        "reward_set_size": int(len(ss.reward[1])),
+        "heldout_size": int(len(ss.heldout[1])) if ss.heldout else 0,
         "policy_from": policy_src,
         "seconds_this_run": result.seconds,
         "candidates": records,
@@ -667,6 +669,8 @@ def _prune_autocompress(cfg, s: Setup, variables, ss: SearchSetup, wd: str, over
             "flops_kind": "true",
             "n_evals": int(best[0].get("n_evals", 0)) if best else 0,
             "n_in_band": None,
+            "reward_set_size": int(len(ss.reward[1])),
+            "heldout_size": 0,
             "seconds_this_run": time.perf_counter() - t0,
             "candidates": records,
             "fingerprint": fp,

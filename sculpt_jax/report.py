@@ -176,8 +176,8 @@ def format_row_table(rows: Sequence[Mapping]) -> str:
 
     Columns: model, dataset, method, dense acc. (dense test top-1, %), pruned acc. (pruned +
     fine-tuned test top-1, %), delta (percentage points), FLOPs red. (true) (exact count of the
-    masked model), FLOPs red. (ref. formula) (the reference code's channel formula, REFERENCE.md
-    sec. 6.2), params red., search time; then the `LATENCY_COLUMNS` any row has, and
+    masked model), FLOPs red. (ref. formula) (the reference code's channel formula,
+    `flops.reference_flops_reduction`), params red., search time; then the `LATENCY_COLUMNS` any row has, and
     ``seeds`` when a row aggregates several (``n_seeds``). Optional columns appear only when a row
     has the key: ``config`` (first) and ``seed`` (after method). A value with a ``<key>_std``
     beside it prints as ``mean ± std``; delta is pruned minus dense test accuracy (or the row's
@@ -705,6 +705,16 @@ _PLOT_TITLES = {
 }
 
 
+def _reward_set_text(summary: Mapping, cfg_d: Mapping) -> str:
+    """How many validation images scored each candidate (and how many re-scored the top-K)."""
+    n, held = summary.get("reward_set_size"), summary.get("heldout_size")
+    if n is None:  # a best.json written before the sizes were recorded
+        n = _get(cfg_d, "search.reward_set_size", -1)
+        return f"{n} validation examples" if n and n > 0 else "the validation examples not held out"
+    text = f"{n} validation examples"
+    return text + (f"; the top candidates re-scored on {held} others" if held else "")
+
+
 def _honest_note(row: Mapping, summary: Mapping, cfg_d: Mapping) -> list[str]:
     zero = row.get("pruned_weights_exactly_zero")
     kind = summary.get("flops_kind", _get(cfg_d, "search.flops_kind", "true"))
@@ -714,7 +724,10 @@ def _honest_note(row: Mapping, summary: Mapping, cfg_d: Mapping) -> list[str]:
         "- **FLOPs and parameters are exact counts** of the masked model (every multiply-add "
         "with a zeroed weight removed), from the traced layer graph: `FLOPs red. (true)`. The "
         "AutoSculpt reference code's channel-pruning formula is shown beside it as "
-        "`FLOPs red. (ref. formula)`; it over-states pattern sparsity (REFERENCE.md sec. 6.2). "
+        "`FLOPs red. (ref. formula)`; it over-states pattern sparsity, treating a layer's "
+        "pruned kernel fraction as removed channels of that layer and of the next one (e.g. "
+        "0.555 for ResNet-56 with every 3x3 filter at a 1/3 pattern, where the true 3x3 MAC "
+        "reduction is 1/3). "
         f"The search's budget (tolerance or band) used the `{kind}` measure.",
         "- **Selection used validation data only**: the search reward (a reward set carved from "
         "the training data), the choice among the kept candidates and the best fine-tune epoch. "
@@ -724,7 +737,7 @@ def _honest_note(row: Mapping, summary: Mapping, cfg_d: Mapping) -> list[str]:
         "update and the exported weights were checked: "
         f"`pruned_weights_exactly_zero = {zero if zero is not None else 'not recorded'}`.",
         "- Search accuracies are measured *before* fine-tuning, on the reward set "
-        f"({_get(cfg_d, 'search.reward_set_size', '?')} validation examples), with "
+        f"({_reward_set_text(summary, cfg_d)}), with "
         f"{_get(cfg_d, 'search.bn_recalib_batches', '?')} batches of BatchNorm recalibration.",
         "- Published AutoSculpt numbers were withdrawn by its authors (arXiv, June 2025); compare "
         "against re-measurements, not the paper's tables.",

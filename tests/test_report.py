@@ -246,6 +246,22 @@ def test_write_run_report_writes_tables_and_pngs(tmp_path):
     assert lines[0]["pruned_weights_exactly_zero"] == "True"
 
 
+def test_report_names_the_reward_set_and_cites_only_files_users_have(tmp_path):
+    # It printed "-1 validation examples" (the config's "all not held out") and cited
+    # REFERENCE.md, which lives outside the repository.
+    wd = _synthetic_workdir(tmp_path)
+    cfg = config_lib.get_default_config().lock()
+    report.write_run_report(str(wd / "r1"), ROW, SEARCHED, cfg)
+    md = (wd / "r1" / "report.md").read_text()
+    assert "-1 validation" not in md and "the validation examples not held out" in md
+    assert "REFERENCE.md" not in md and "DESIGN.md" not in md
+    sized = {**SEARCHED, "summary": {**SEARCHED["summary"], "reward_set_size": 200,
+                                     "heldout_size": 150}}  # fmt: skip
+    report.write_run_report(str(wd / "r2"), ROW, sized, cfg)
+    md = (wd / "r2" / "report.md").read_text()
+    assert "(200 validation examples; the top candidates re-scored on 150 others)" in md
+
+
 def test_write_run_report_missing_inputs_and_plots_off(tmp_path):
     # No search/ or export/ files and no searched dict: every plot is skipped with a reason.
     out = report.write_run_report(str(tmp_path / "wd" / "report"), ROW, None, None)
