@@ -177,8 +177,8 @@ def format_row_table(rows: Sequence[Mapping]) -> str:
     Columns: model, dataset, method, dense acc. (dense test top-1, %), pruned acc. (pruned +
     fine-tuned test top-1, %), delta (percentage points), FLOPs red. (true) (exact count of the
     masked model), FLOPs red. (ref. formula) (the reference code's channel formula,
-    `flops.reference_flops_reduction`), params red., search time; then the `LATENCY_COLUMNS` any row has, and
-    ``seeds`` when a row aggregates several (``n_seeds``). Optional columns appear only when a row
+    `flops.reference_flops_reduction`), params red., search time; then the `LATENCY_COLUMNS` any
+    row has, and ``seeds`` when a row aggregates several (``n_seeds``). Optional columns appear only when a row
     has the key: ``config`` (first) and ``seed`` (after method). A value with a ``<key>_std``
     beside it prints as ``mean ± std``; delta is pruned minus dense test accuracy (or the row's
     ``accuracy_delta``). Missing values print as ``n/a``.

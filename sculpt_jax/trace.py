@@ -135,7 +135,7 @@ class _Act:
 
     prov: dict
     # producers whose removed filters' channels may be NONZERO in this value (an op with
-    # f(0) != 0 on the way: sigmoid, relu(x) + 1, a bias no mask zeroes); see `_keeps_zero`
+    # f(0) != 0 on the way: sigmoid, relu(x) + 1, a bias no mask zeroes); `elementwise_nz`
     nz: frozenset = frozenset()
 
 

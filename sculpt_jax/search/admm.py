@@ -340,8 +340,8 @@ def run_admm(
 
     Loop: Z0 = proj(W), U0 = 0; per iteration: `steps_per_iteration` W-steps (SGD momentum 0.9 on
     ``CE + rho/2 ||W - Z + U||^2``, batches from `data.iterate_batches`; the weights `prev_masks`
-    prunes are held exactly zero, `masking.masked`, so nothing pruned earlier regrows), Z = proj(W + U),
-    U <- U + W - Z. Finally masks = the support of the last Z-step (exactly the projection's
+    prunes are held exactly zero, `masking.masked`, so nothing pruned earlier regrows),
+    Z = proj(W + U), U <- U + W - Z. Finally masks = the support of the last Z-step (exactly the projection's
     support) and the weights are multiplied by them.
 
     Returns: {"variables": hard-pruned variables, "masks": masks (the last Z's support),

@@ -232,7 +232,7 @@ def _check_reachable(constrain, variables, n_layers, target, kind, max_rate, sch
         raise ValueError(
             f"AutoCompress cannot reach a {kind} reduction of {target}: every pruned layer at "
             f"max_rate {max_rate} with scheme {scheme!r} gives {best:.4f}. Lower the target, raise "
-            "max_rate (autocompress.max_rate), or prune more layers / another scheme."
+            "max_rate, or prune more layers / another scheme."
         )
 
 
