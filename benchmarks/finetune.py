@@ -26,8 +26,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import header, time_fn  # noqa: E402
 
-from sculpt_jax import finetune as ft  # noqa: E402
 from sculpt_jax import masking  # noqa: E402
+from sculpt_jax import training as ft  # noqa: E402
 from sculpt_jax.models import get_model, init_model  # noqa: E402
 
 

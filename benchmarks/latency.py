@@ -1,4 +1,4 @@
-"""Latency of dense vs masked vs physically compacted models (sculpt_jax.compact) on this machine.
+"""Latency of dense vs masked vs physically compacted models (sculpt_jax.compaction) on this machine.
 
 For each model (CIFAR input 32x32x3, random init), removes the weakest filters (L2 norm, pattern 0)
 of every prunable layer but the head at ONE uniform rate found by bisection so that the TRUE FLOPs
@@ -75,7 +75,7 @@ def bisect_rate(graph, variables, target, iters=12):
 def bench_model(name, batches, target, repeats, aligns=(1,)):
     import jax
 
-    from sculpt_jax import compact, trace
+    from sculpt_jax import compaction, trace
     from sculpt_jax.models import get_model, init_model, model_spec
 
     spec = model_spec(name)
@@ -87,10 +87,10 @@ def bench_model(name, batches, target, repeats, aligns=(1,)):
     from sculpt_jax import masking
 
     comps, t_compact = {}, {}
-    unpruned = compact.compact(model.apply, v, graph, None, x1)  # the replay's own overhead
+    unpruned = compaction.compact(model.apply, v, graph, None, x1)  # the replay's own overhead
     for a in aligns:
         t = time.perf_counter()
-        comps[a] = compact.compact(model.apply, v, graph, masks, x1, align=a)
+        comps[a] = compaction.compact(model.apply, v, graph, masks, x1, align=a)
         t_compact[a] = time.perf_counter() - t
     info = comps[aligns[0]][2]
     ratio = info["masked_flops"] / info["dense_flops"]
@@ -113,7 +113,7 @@ def bench_model(name, batches, target, repeats, aligns=(1,)):
     for b in batches:
         x = jax.random.normal(jax.random.key(b), (b, *spec.input_shape), jax.numpy.float32)
         n = repeats if b <= 8 else max(5, repeats // 2)
-        r = compact.measure_latencies(named, x, repeats=n)
+        r = compaction.measure_latencies(named, x, repeats=n)
         d = r["dense"]["median_ms"]
         tail = "  ".join(
             f"a{a}: {d / r[f'compact_a{a}']['median_ms']:.2f}x / "
@@ -129,7 +129,7 @@ def bench_widths(repeats):
     import jax
     import jax.numpy as jnp
 
-    from sculpt_jax.compact import measure_latencies
+    from sculpt_jax.compaction import measure_latencies
 
     dn = ("NHWC", "HWIO", "NHWC")
     b = 256
@@ -154,7 +154,7 @@ def bench_cropping(batch, repeats):
     import jax
     import jax.numpy as jnp
 
-    from sculpt_jax.compact import measure_latency
+    from sculpt_jax.compaction import measure_latency
 
     k = jax.random.key(0)
     x = jax.random.normal(k, (batch, 32, 32, 16), jnp.float32)

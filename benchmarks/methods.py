@@ -65,11 +65,11 @@ def main():
     from sculpt_jax import agent as agent_lib
     from sculpt_jax import data as data_lib
     from sculpt_jax import env as env_lib
-    from sculpt_jax import finetune as ft
     from sculpt_jax import flops as flops_lib
     from sculpt_jax import graph as graph_lib
     from sculpt_jax import patterns as pat
     from sculpt_jax import trace as trace_lib
+    from sculpt_jax import training as ft
     from sculpt_jax.models import get_model, init_model
     from sculpt_jax.pipeline import make_apply_fn
     from sculpt_jax.search import autocompress as ac

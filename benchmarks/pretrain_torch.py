@@ -138,7 +138,7 @@ def main(argv=None) -> None:
 
     from sculpt_jax import checkpoint as ckpt
     from sculpt_jax import data as data_lib
-    from sculpt_jax import finetune as ft
+    from sculpt_jax import training as ft
     from sculpt_jax.config import use_fast_prng
     from sculpt_jax.models import get_model
     from sculpt_jax.pipeline import make_apply_fn

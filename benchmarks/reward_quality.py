@@ -27,9 +27,9 @@ from _common import header  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from sculpt_jax import config as config_lib  # noqa: E402
-from sculpt_jax import finetune as ft  # noqa: E402
 from sculpt_jax import graph as graph_lib  # noqa: E402
 from sculpt_jax import pipeline  # noqa: E402
+from sculpt_jax import training as ft  # noqa: E402
 
 
 def main(argv=None) -> None:

@@ -149,8 +149,8 @@ def quality_config(a):
 
 def _finetune(cfg, s, variables, ss, cand, a, seed) -> float:
     """Test accuracy of `cand` after a short masked fine-tune (its masks held)."""
-    from sculpt_jax import finetune as ft
     from sculpt_jax import pipeline
+    from sculpt_jax import training as ft
 
     tr = s.splits.train.arrays
     if 0 < a.finetune_images < len(tr[0]):

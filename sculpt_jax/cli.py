@@ -17,6 +17,7 @@ flags.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -44,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser("info", help="model summary (params, exact FLOPs, traced layers)")
-    info.add_argument("--model", required=True, help="a model name (see --list)")
+    info.add_argument("--model", help="a model name (see --list) or package.module:ClassName")
+    info.add_argument("--list", action="store_true", help="list the model zoo and exit")
     info.add_argument("--num-classes", type=int, default=None)
     info.add_argument("--input-shape", default=None, help="H,W,C (default: the model's)")
     info.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -78,6 +80,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _base_config(args, overrides: dict):
+    """--config FILE, else the config.json of a workdir an earlier command ran in (so `prune
+    --workdir W` after `pretrain --workdir W ...` continues that run), else the defaults."""
+    from sculpt_jax import config as config_lib
+
+    workdir = args.workdir or overrides.get("workdir")
+    saved = None if args.config or not workdir else config_lib.load_workdir_config(workdir)
+    if saved is None:
+        return config_lib.load_config(args.config)
+    logging.getLogger("sculpt_jax").info("using %s/config.json (the last command's config); "
+                                         "flags override it", workdir)  # fmt: skip
+    saved.progress = True  # --quiet is per command
+    return saved
+
+
 def parse(argv: list[str]):
     """Parses argv into (args, frozen config). Unknown `--config.x.y=v` pairs become overrides."""
     from sculpt_jax import config as config_lib
@@ -105,7 +122,7 @@ def parse(argv: list[str]):
         parser.error(f"unrecognized arguments: {' '.join(bad)} (config fields: --config.KEY=VALUE)")
     if args.command == "info":
         return args, None
-    cfg = config_lib.load_config(args.config)
+    cfg = _base_config(args, overrides)
     for flag, key in SHORTCUTS.items():
         value = getattr(args, flag, None)
         if value is not None:
@@ -136,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args, cfg = parse(argv)
+        if args.command == "info" and (args.list or not args.model):
+            return _list_models(args)
         if args.command == "info":
             shape = tuple(int(s) for s in args.input_shape.split(",")) if args.input_shape else None
             summary = pipeline.model_info(args.model, args.num_classes, shape)
@@ -151,12 +170,29 @@ def main(argv: list[str] | None = None) -> int:
             "finetune": pipeline.finetune,
             "run": pipeline.run,
         }[args.command]
+        pipeline.save_config(cfg)
         fn(cfg, overwrite=args.overwrite)
         return 0
     except (ValueError, OSError, KeyError, pipeline.PipelineError, ckpt.CorruptCheckpointError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2
+
+
+def _list_models(args) -> int:
+    from sculpt_jax import models
+
+    if not args.list:
+        print("error: info needs --model NAME (or --list for the names)", file=sys.stderr)
+        return 2
+    specs = [models.model_spec(n) for n in models.list_models()]
+    if args.json:
+        print(json.dumps([dataclasses.asdict(s) for s in specs], indent=2))
+        return 0
+    for s in specs:
+        shape = "x".join(str(d) for d in s.input_shape)
+        print(f"{s.name:<22} {shape:<10} {s.num_classes:>5}  {s.description}")
+    return 0
 
 
 def run() -> None:

@@ -142,11 +142,36 @@ def get_default_config() -> ml_collections.ConfigDict:
 
     c.report = ml_collections.ConfigDict()
     c.report.latency = True
-    # Output filters of the compacted model stored in multiples of this (`compact.compact` align);
-    # 0 = `compact.auto_align()` for the backend (16 on CPU, measured; 1 elsewhere).
+    # Output filters of the compacted model stored in multiples of this (`compaction.compact` align);
+    # 0 = `compaction.auto_align()` for the backend (16 on CPU, measured; 1 elsewhere).
     c.report.compact_align = 0
     c.report.plots = True
     return c
+
+
+def _merge(node: ml_collections.ConfigDict, saved: dict) -> None:
+    for key, value in saved.items():
+        if key not in node:  # a field this version no longer has
+            continue
+        if isinstance(node[key], ml_collections.ConfigDict) and isinstance(value, dict):
+            _merge(node[key], value)
+        else:
+            node[key] = value
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict | None:
+    """The config saved in ``<workdir>/config.json`` by the last command run there (over the
+    defaults, so fields added since keep their defaults), or None when there is none."""
+    import json
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    cfg = get_default_config()
+    _merge(cfg, saved)
+    return cfg
 
 
 def load_config(spec: str | None) -> ml_collections.ConfigDict:
@@ -235,7 +260,7 @@ def use_fast_prng() -> None:
     jax.config.update("jax_threefry_partitionable", False)
 
 
-SCHEDULES = ("multistep", "cosine", "constant")  # `finetune.make_lr_schedule`
+SCHEDULES = ("multistep", "cosine", "constant")  # `training.make_lr_schedule`
 
 
 def _validate_training(cfg: ml_collections.ConfigDict) -> None:

@@ -132,6 +132,16 @@ def validate_masks(params: Any, masks: Any) -> None:
             )
 
 
+def pruned_exactly_zero(params: Any, masks: Any) -> bool:
+    """True when every weight `masks` prunes is exactly 0.0 in `params` (host-only).
+
+    `params` is a params pytree or a variables dict (its "params" are checked).
+    """
+    _, pl, ml = _paired_leaves(params_of(params), masks, "pruned_exactly_zero")
+    return all(not np.any(np.where(np.asarray(m) == 0, np.asarray(p), 0) != 0)
+               for p, m in zip(pl, ml, strict=True))  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # The optax wrapper (jaxpruner-style: masks live beside the optimizer state).
 
@@ -165,7 +175,7 @@ def masked(
     Args:
       inner: the optimizer to wrap.
       masks: float 0/1 pytree mirroring the params passed to `init`, or None: all ones at
-        `init` (set the real ones with `update_masks`, or `finetune.create_train_state(masks=)`),
+        `init` (set the real ones with `update_masks`, or `training.create_train_state(masks=)`),
         for an optimizer built before the masks are known.
     """
     inner = optax.with_extra_args_support(inner)

@@ -2,7 +2,7 @@
 
 Workdir layout (every stage resumable; a finished stage is reused, not redone):
 
-    <workdir>/config.json              the config the run was started with
+    <workdir>/config.json              the config of the last command run here (`save_config`)
     <workdir>/pretrain/                checkpoints, metrics.jsonl, result.json, best_variables/
     <workdir>/search/                  checkpoints, metrics.jsonl, candidates.jsonl, best.json
     <workdir>/finetune/cand<k>/        one masked fine-tune per kept candidate
@@ -32,11 +32,11 @@ from sculpt_jax import config as config_lib
 from sculpt_jax import data as data_lib
 from sculpt_jax import decode as decode_lib
 from sculpt_jax import env as env_lib
-from sculpt_jax import finetune as ft
 from sculpt_jax import flops as flops_lib
 from sculpt_jax import graph as graph_lib
 from sculpt_jax import patterns as pat
 from sculpt_jax import trace as trace_lib
+from sculpt_jax import training as ft
 from sculpt_jax.search import runner
 
 log = logging.getLogger("sculpt_jax")
@@ -79,6 +79,7 @@ class Setup:
     init_variables: Any
     input_shape: tuple[int, ...]
     num_classes: int
+    input_dtype: Any = np.uint8  # what apply_fn takes (the zoo: uint8, normalised inside)
 
 
 def setup(cfg) -> Setup:
@@ -118,13 +119,19 @@ def _abstract(tree):
 
 
 def _run_fingerprint(cfg) -> dict:
-    return {"model": cfg.model, "dataset": cfg.dataset, "data_dir": cfg.data_dir,
-            "seed": cfg.seed, "val_size": cfg.val_size,
-            "max_train_examples": cfg.max_train_examples}  # fmt: skip
+    fp = {"model": cfg.model, "dataset": cfg.dataset, "data_dir": cfg.data_dir,
+          "seed": cfg.seed, "val_size": cfg.val_size,
+          "max_train_examples": cfg.max_train_examples}  # fmt: skip
+    if cfg.get("data_digest"):  # `sculpt_jax.api`: a digest of the user's model and arrays
+        fp["data_digest"] = cfg.data_digest
+    return fp
 
 
-def _save_config(cfg, workdir: str) -> None:
-    ckpt.save_json(os.path.join(workdir, "config.json"), json.loads(cfg.to_json_best_effort()))
+def save_config(cfg) -> None:
+    """Writes ``<workdir>/config.json``: the config of the last command run in the workdir (the
+    CLI reads it back when a later command names the same workdir without --config)."""
+    ckpt.save_json(os.path.join(os.path.abspath(cfg.workdir), "config.json"),
+                   json.loads(cfg.to_json_best_effort()))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +142,9 @@ def model_info(name: str, num_classes: int | None = None, input_shape=None) -> d
     """Summary of a zoo model: params, exact dense FLOPs, XLA's count, traced layers, graph size."""
     models = _models()
     spec = models.model_spec(name)
+    if spec.num_classes < 1 and not (num_classes and input_shape):
+        raise ValueError(f"model {name!r} has no default input shape or class count: give "
+                         "--input-shape H,W,C and --num-classes N")  # fmt: skip
     model = models.get_model(name, num_classes=num_classes)
     shape = tuple(input_shape or spec.input_shape)
     if len(shape) != 3:
@@ -293,7 +303,7 @@ def _decoder_for(cfg, s: Setup, variables):
     for: neither depends on the weights, so `check_search` runs this on the initial ones."""
     sc = cfg.search
     lib = pat.get_library(sc.library)
-    x = jnp.zeros((1, *s.input_shape), jnp.uint8)
+    x = jnp.zeros((1, *s.input_shape), s.input_dtype)
     lg = trace_lib.trace_model(s.apply_fn, variables, x)
     valid = graph_lib.default_valid(lg, lib.n_patterns, lib)  # the classifier head keeps all
     if not valid[:, [i for i in range(lib.n_patterns) if i != lib.keep_id]].any():
@@ -312,7 +322,7 @@ def _decoder_for(cfg, s: Setup, variables):
         raise ValueError(
             f"{cfg.model} is too coarse for search.tolerance={decoder.tolerance}: the closest "
             f"reduction the uniform allocation reaches is {float(first['reduction']):.4f} for the "
-            f"target {target}; raise --config.search.tolerance"
+            f"target {target}; raise the tolerance (--tolerance; sculpt_jax.prune(tolerance=...))"
         )
     return lg, spec, order, decoder
 
@@ -329,6 +339,8 @@ def validate_config(cfg):
     from sculpt_jax.search import admm
 
     config_lib.validate(cfg)
+    if cfg.dataset != "user":  # `sculpt_jax.api` passes its model in, not by name
+        _models().model_spec(cfg.model)
     if cfg.search.library not in pat.library_names():
         raise ValueError(f"search.library={cfg.search.library!r} is not one of "
                          f"{', '.join(pat.library_names())}")  # fmt: skip
@@ -721,10 +733,7 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
     k_best = int(np.argmax([r.best_val_accuracy for r, _, _ in results]))
     res, masks, cand = results[k_best]
     final = res.variables
-    zero_ok = all(
-        bool(jnp.all(jnp.where(m == 0, p, 0.0) == 0.0))
-        for p, m in zip(jax.tree.leaves(final["params"]), jax.tree.leaves(masks), strict=True)
-    )
+    zero_ok = masking.pruned_exactly_zero(final, masks)
     if not zero_ok:
         raise PipelineError("internal error: a pruned weight is nonzero after fine-tuning")
     test = ft.evaluate(eval_step, final, *s.splits.test.arrays, 256)
@@ -778,9 +787,9 @@ def load_export(path: str, like_variables) -> tuple[Any, Any, dict]:
 def measure_latency(s: Setup, variables, masks, ss: SearchSetup, compact_dir: str,
                     batches=(1, 256), align: int = 0) -> dict:  # fmt: skip
     """Compacts the pruned model (exported to `compact_dir`, loadable without masks; output filters
-    stored in multiples of `align`, 0 = `compact.auto_align()`) and measures dense / masked /
+    stored in multiples of `align`, 0 = `compaction.auto_align()`) and measures dense / masked /
     compacted latency on this device; returns flat ``latency_*`` row keys."""
-    from sculpt_jax import compact as compact_lib
+    from sculpt_jax import compaction as compact_lib
 
     # The raw model on normalised input: normalisation is not part of the pruned network.
     x = data_lib.normalize(s.splits.test.arrays[0][:1], s.splits.mean, s.splits.std)
@@ -804,7 +813,7 @@ def measure_latency(s: Setup, variables, masks, ss: SearchSetup, compact_dir: st
 
 
 def epoch_seconds(workdir: str) -> float | None:
-    """Training seconds recorded by `finetune.fit` under `workdir` (its metrics.jsonl, or those of
+    """Training seconds recorded by `training.fit` under `workdir` (its metrics.jsonl, or those of
     its sub-folders such as ``finetune/cand<k>/``): the sum of ``epoch_time_s`` over distinct
     epochs, so a run resumed over several sessions counts every epoch once. None if none."""
     paths = [os.path.join(workdir, "metrics.jsonl")]
@@ -825,7 +834,7 @@ def run(cfg, *, overwrite: bool = False) -> dict:
     """The main job: pretrain -> search -> fine-tune -> report, printing the final table."""
     t0 = time.perf_counter()
     s = setup(cfg)
-    _save_config(cfg, os.path.abspath(cfg.workdir))
+    save_config(cfg)
     log.info("data: %s", s.splits.summary() if hasattr(s.splits, "summary") else s.splits.name)
     check_search(cfg, s)
     pre = pretrain(cfg, overwrite=overwrite, s=s)

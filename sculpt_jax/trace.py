@@ -1422,22 +1422,41 @@ def nnx_split(module: Any) -> tuple[Any, dict]:
 
 
 def nnx_apply_fn(graphdef: Any) -> Callable:
-    """The pure ``apply_fn(state, x, train=False)`` of an NNX graphdef (state from `nnx_split`).
+    """The pure Linen-style apply of an NNX graphdef (state from `nnx_split`).
 
-    Merges the module inside the call (jittable), switches it to ``.train()`` / ``.eval()`` mode and
-    calls it on ``x``; in-place updates (BatchNorm statistics, RNG counters) are discarded.
+    ``apply_fn(state, x, train=False)`` -> output, and in training
+    ``apply_fn(state, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})`` ->
+    ``(output, {"batch_stats": ...})`` as `sculpt_jax.training` wants it. Merges the module inside
+    the call (jittable), switches it to ``.train()`` / ``.eval()`` mode, reseeds its "dropout"
+    stream from ``rngs`` when it has one, and calls it on ``x``; other in-place updates (RNG
+    counters) are discarded.
     """
     from flax import nnx
 
-    def apply_fn(state: dict, x: Any, train: bool = False) -> Any:
+    def apply_fn(state: dict, x: Any, train: bool = False, mutable: Any = False,
+                 rngs: Any = None) -> Any:  # fmt: skip
         model = nnx.merge(graphdef, *state.values())
         if train:
             model.train()
         else:
             model.eval()
-        return model(x)
+        if rngs and "dropout" in rngs and _has_stream(model, "dropout"):
+            nnx.reseed(model, dropout=rngs["dropout"])
+        out = model(x)
+        if not mutable:
+            return out
+        _, new = nnx_split(model)
+        return out, {k: new[k] for k in mutable if k in new}
 
     return apply_fn
+
+
+def _has_stream(model: Any, name: str) -> bool:
+    """True when an NNX module holds an RNG stream called `name` (``nnx.Rngs(name=...)``)."""
+    from flax import nnx
+
+    return any(isinstance(v, nnx.RngStream) and getattr(v, "tag", None) == name
+               for _, v in nnx.iter_graph(model))  # fmt: skip
 
 
 def trace_nnx(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sculpt_jax import cli, pipeline
-from sculpt_jax import compact as C
+from sculpt_jax import compaction as C
 
 SMOKE = [
     "--model", "resnet8_tiny",
@@ -165,8 +165,8 @@ def test_main_job_smoke_end_to_end(tmp_path, capsys):
 
     # The export loads back without the search and evaluates to the same accuracy, pruned = 0.
     from sculpt_jax import config as config_lib
-    from sculpt_jax import finetune as ft
     from sculpt_jax import masking
+    from sculpt_jax import training as ft
 
     args, cfg = cli.parse(["run", "--workdir", wd, *SMOKE])
     s = pipeline.setup(cfg)
@@ -229,3 +229,74 @@ def test_autocompress_method_through_the_main_job(tmp_path, capsys):
     assert cli.main(argv) == 0
     row2 = json.load(open(os.path.join(wd, "report", "results.json")))["row"]
     assert row2["test_accuracy"] == row["test_accuracy"]
+
+
+def test_stage_chain_reads_the_workdir_config(tmp_path, capsys):
+    # `prune --workdir W` after `pretrain --workdir W ...` continues that run (W/config.json):
+    # before, it fell back to the defaults (ResNet-20, 12 epochs) and clashed with W's pretrain
+    wd = str(tmp_path / "chain")
+    assert cli.main(["pretrain", "--workdir", wd, *SMOKE]) == 0
+    assert cli.main(["prune", "--workdir", wd, "--quiet"]) == 0
+    assert cli.main(["finetune", "--workdir", wd, "--quiet", "--config.finetune.lr=0.02"]) == 0
+    lines = open(os.path.join(wd, "pretrain", "metrics.jsonl")).read().splitlines()
+    epochs = [json.loads(line)["epoch"] for line in lines if "train_loss" in line]
+    assert epochs == [1, 2], "the pretrain stage was reused, not extended or redone"
+    summary = json.load(open(os.path.join(wd, "export", "summary.json")))
+    assert summary["model"] == "resnet8_tiny" and summary["pruned_weights_exactly_zero"]
+    saved = json.load(open(os.path.join(wd, "config.json")))
+    assert saved["finetune"]["lr"] == 0.02 and saved["pretrain"]["epochs"] == 2
+    assert len(summary["candidates_val_accuracy"]) == 2  # SMOKE's search.top_k
+
+
+USER_MODEL = '''
+import flax.linen as nn
+
+
+class Net(nn.Module):
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(16, (3, 3))(x)))
+        x = nn.relu(nn.Conv(24, (3, 3))(x))
+        return nn.Dense(self.num_classes)(x.mean((1, 2)))
+
+
+def no_train_flag():
+    return nn.Dense(3)
+'''
+
+
+def test_user_model_by_import_path(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_nets.py").write_text(USER_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert cli.main(["info", "--model", "my_nets:Net", "--input-shape", "8,8,1", "--num-classes",
+                     "10", "--json"]) == 0  # fmt: skip
+    info = json.loads(capsys.readouterr().out)
+    assert info["traced_layers"] == 3 and info["conv_layers"] == 2
+    assert info["params"] == 3 * 3 * 16 + 16 + 2 * 16 + 3 * 3 * 16 * 24 + 24 + 24 * 10 + 10
+    wd = str(tmp_path / "user")
+    assert cli.main(["run", "--workdir", wd, *SMOKE, "--model", "my_nets:Net",
+                     "--config.search.tolerance=0.1", "--config.report.latency=false"]) == 0
+    assert "| my_nets:Net | digits |" in capsys.readouterr().out
+    summary = json.load(open(os.path.join(wd, "export", "summary.json")))
+    assert summary["pruned_weights_exactly_zero"] and summary["masked_flops"] < summary["dense_flops"]
+    for argv, message in [
+        (["info", "--model", "my_nets:Net"], "give --input-shape H,W,C and --num-classes N"),
+        (["info", "--model", "no_such_pkg.mod:Net"], "cannot import module 'no_such_pkg.mod'"),
+        (["info", "--model", "my_nets:Missing"], "my_nets has no attribute 'Missing'"),
+        (["pretrain", "--model", "my_nets:no_train_flag", "--workdir", wd + "2"],
+         "__call__ must accept train"),
+    ]:
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+
+
+def test_info_list_names_every_zoo_model(capsys):
+    from sculpt_jax.models import list_models
+
+    assert cli.main(["info", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list_models()
+    assert "32x32x3" in lines[list_models().index("resnet20")]

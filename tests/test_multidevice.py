@@ -21,7 +21,7 @@ CHILD = textwrap.dedent(
     import json, sys, tempfile
     import flax.linen as nn
     import jax, jax.numpy as jnp, numpy as np
-    from sculpt_jax import finetune as ft, masking, sharding as shd
+    from sculpt_jax import training as ft, masking, sharding as shd
 
     assert jax.device_count() == 4, jax.devices()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,7 @@ class _Entry:
     module: str  # module under sculpt_jax.models
     factory: str  # attribute: a Module class or a partial of one, called with num_classes=...
     kwargs: tuple[tuple[str, Any], ...] = ()
+    obj: Callable[..., nn.Module] | None = None  # user models: the factory itself
 
 
 _CIFAR = (32, 32, 3)
@@ -236,27 +238,107 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def register_model(
+    name: str,
+    factory: Callable[..., nn.Module],
+    *,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    description: str = "",
+) -> None:
+    """Adds a user model to the registry, so configs, the CLI and reports can name it.
+
+    Args:
+      name: the registry name (lowercase; must not shadow a zoo model).
+      factory: a Linen Module class (or a function returning a module) called as
+        ``factory(num_classes=n)``; the module's ``__call__(x, train: bool = False)`` returns logits.
+      input_shape / num_classes: defaults (H, W, C) and logits size, as for the zoo.
+      description: one line for `info` and reports.
+    """
+    key = name.lower()
+    if key in _REGISTRY and _REGISTRY[key].spec.family != "user":
+        raise ValueError(f"register_model: {name!r} is a zoo model; pick another name")
+    spec = ModelSpec(key, "user", tuple(input_shape), int(num_classes), description or name)
+    _REGISTRY[key] = _Entry(spec, "", "", (), factory)
+
+
+def _import_factory(name: str) -> Callable[..., nn.Module]:
+    """The object named by ``"package.module:Attribute"`` (ValueError saying what is missing)."""
+    mod, _, attr = name.partition(":")
+    try:
+        obj = importlib.import_module(mod)
+    except ImportError as e:
+        raise ValueError(f"model {name!r}: cannot import module {mod!r} ({e}); put it on "
+                         "PYTHONPATH or install it") from e  # fmt: skip
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model {name!r}: {mod} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model {name!r}: {attr} is not a Module class or factory function")
+    return obj
+
+
+def _user_entry(name: str) -> _Entry:
+    """A ``"package.module:Factory"`` model: its class name, and no default input shape (the
+    dataset's is used; `info` needs --input-shape)."""
+    factory = _import_factory(name)
+    spec = ModelSpec(name, "user", (), -1, f"user model {name}")
+    return _Entry(spec, "", "", (), factory)
+
+
 def _entry(name: str) -> _Entry:
+    if isinstance(name, str) and ":" in name:
+        return _user_entry(name)
     if not isinstance(name, str) or name.lower() not in _REGISTRY:
         names = list_models()
         close = difflib.get_close_matches(str(name).lower(), names, n=5, cutoff=0.4)
         rest = [n for n in names if n not in close]
         raise ValueError(
-            f"unknown model {name!r}; valid names (closest first): {', '.join(close + rest)}"
+            f"unknown model {name!r} (a zoo name, or your own Linen module as "
+            f"package.module:ClassName); valid names (closest first): {', '.join(close + rest)}"
         )
     return _REGISTRY[name.lower()]
 
 
 def model_spec(name: str) -> ModelSpec:
-    """The `ModelSpec` of a registered model (ValueError listing valid names if unknown)."""
+    """The `ModelSpec` of a registered model (ValueError listing valid names if unknown).
+
+    A user model named ``"package.module:Factory"`` has ``input_shape == ()`` and
+    ``num_classes == -1`` (unknown: the dataset's apply)."""
     return _entry(name).spec
+
+
+def _call_factory(factory: Callable, name: str, n: int, attrs: dict) -> nn.Module:
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {"num_classes": None}
+    takes_n = "num_classes" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    try:
+        model = factory(num_classes=n, **attrs) if takes_n else factory(**attrs)
+    except TypeError as e:
+        raise ValueError(
+            f"bad keyword for model {name!r}: {e}; pass only attributes of "
+            f"{getattr(factory, 'func', factory).__name__} (see its docstring)"
+        ) from e
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {name!r} built a {type(model).__name__}, not a flax.linen Module "
+                         "(NNX modules: use the Python API, sculpt_jax.prune)")  # fmt: skip
+    call = inspect.signature(type(model).__call__).parameters
+    if "train" not in call and not any(p.kind == p.VAR_KEYWORD for p in call.values()):
+        raise ValueError(f"model {name!r}: __call__ must accept train: bool = False (it switches "
+                         "BatchNorm and dropout), as every zoo model does")  # fmt: skip
+    return model
 
 
 def get_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
     """A fresh Flax Linen module for registered model `name`.
 
     Args:
-      name: a name from `list_models()` (case-insensitive).
+      name: a name from `list_models()` (case-insensitive), or a user model as
+        ``"package.module:ClassName"`` (a Linen Module class or factory; ``num_classes`` is passed
+        when it takes one).
       num_classes: logits size; defaults to `model_spec(name).num_classes`.
       **kwargs: extra module attributes overriding the registry's (e.g. ``shortcut="B"``,
         ``dropout_rate=0.0``).
@@ -264,20 +346,13 @@ def get_model(name: str, num_classes: int | None = None, **kwargs: Any) -> nn.Mo
       the module; host-only (construction), its `apply` is jittable.
     """
     entry = _entry(name)
-    factory: Callable[..., nn.Module] = getattr(
+    factory: Callable[..., nn.Module] = entry.obj or getattr(
         importlib.import_module(f"sculpt_jax.models.{entry.module}"), entry.factory
     )
     n = entry.spec.num_classes if num_classes is None else int(num_classes)
     if n < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    attrs = {**dict(entry.kwargs), **kwargs}
-    try:
-        return factory(num_classes=n, **attrs)
-    except TypeError as e:
-        raise ValueError(
-            f"bad keyword for model {name!r}: {e}; pass only attributes of "
-            f"{getattr(factory, 'func', factory).__name__} (see its docstring)"
-        ) from e
+    return _call_factory(factory, name, n, {**dict(entry.kwargs), **kwargs})
 
 
 def init_model(
@@ -300,4 +375,4 @@ def init_model(
         return jax.jit(lambda k, x: model.init(k, x, train=False))(key, x)
 
 
-__all__ = ["ModelSpec", "get_model", "init_model", "list_models", "model_spec"]
+__all__ = ["ModelSpec", "get_model", "init_model", "list_models", "model_spec", "register_model"]

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from sculpt_jax import data as data_lib
-from sculpt_jax import finetune, masking
+from sculpt_jax import masking, training
 from sculpt_jax import patterns as pat
 from sculpt_jax.tree_util import get_at, map_with_path, path_str, set_at
 from sculpt_jax.types import Layer, LayerGraph, Path
@@ -249,7 +249,7 @@ def make_admm_fns(
     """The compiled pieces of ADMM (AutoCompress section "ADMM-based structured pruning").
 
     Returns ``(w_step, z_step)``:
-      w_step(state: finetune.TrainState, z, u, batch) -> (state, metrics): one SGD step on
+      w_step(state: training.TrainState, z, u, batch) -> (state, metrics): one SGD step on
         ``CE + rho/2 sum_i ||W_i - Z_i + U_i||^2`` (z, u: lists of kernels of `layers`), donated.
       z_step(params, u, z_old, rates, prev_masks) -> (z, masks, u_new, residual): masks =
         `scheme_masks` of ``W + U``, ``Z = (W + U) * mask`` per pruned kernel,
@@ -301,7 +301,7 @@ def _cached_admm_fns(apply_fn, graph, layers, scheme, rho, lr, library):
     for k, fns in _ADMM_CACHE.items():
         if k == key:
             return fns
-    tx = finetune.make_optimizer("sgd", lr=lr, momentum=0.9, weight_decay=0.0, schedule="constant")
+    tx = training.make_optimizer("sgd", lr=lr, momentum=0.9, weight_decay=0.0, schedule="constant")
     # The masks live in the optimizer state (`run_admm` puts each round's prev_masks there), so
     # weights pruned by earlier rounds stay exactly zero through the W-steps, one compile for all.
     tx = masking.masked(tx, None)
@@ -355,7 +355,7 @@ def run_admm(
     if prev_masks is None:
         prev_masks = masking.ones_masks(variables)
     tx, w_step, z_step = _cached_admm_fns(apply_fn, graph, layers, scheme, rho, lr, library)
-    state = finetune.create_train_state(None, variables, tx, masks=prev_masks)
+    state = training.create_train_state(None, variables, tx, masks=prev_masks)
     rates = jnp.asarray(rates, jnp.float32)
     u = [jnp.zeros(w.shape, w.dtype) for w in _kernels(graph, state.params, layers)]
     z, masks, _, _ = z_step(state.params, u, u, rates, prev_masks)  # Z0 = proj(W), U0 = 0

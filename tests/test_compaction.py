@@ -1,4 +1,4 @@
-"""Physical compaction (sculpt_jax.compact): compact forward == masked forward, exact param relation,
+"""Physical compaction (sculpt_jax.compaction): compact forward == masked forward, exact param relation,
 kernel cropping, export round trip."""
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from sculpt_jax import compact as C
+from sculpt_jax import compaction as C
 from sculpt_jax import masking, trace
 from sculpt_jax.models import get_model, init_model
 from sculpt_jax.tree_util import map_with_path

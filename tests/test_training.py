@@ -1,4 +1,4 @@
-"""Tests of sculpt_jax.finetune: optimizer, masked steps, evaluation, top-K, resumable fit."""
+"""Tests of sculpt_jax.training: optimizer, masked steps, evaluation, top-K, resumable fit."""
 
 import json
 import os
@@ -12,8 +12,8 @@ import optax
 import pytest
 
 from sculpt_jax import checkpoint as ck
-from sculpt_jax import finetune as ft
 from sculpt_jax import masking
+from sculpt_jax import training as ft
 
 
 class TinyCNN(nn.Module):
