@@ -47,7 +47,11 @@ Conventions beyond `sculpt_jax.types`:
   offsets is treated as a reduction over the sliced axes; ``gather`` from an activation at
   data-dependent indices raises `TraceError`.
 * ``scan`` bodies are unrolled; a prunable op inside a ``scan`` or ``cond`` body raises
-  `TraceNotImplementedError`; ``while`` over activations raises `TraceError`.
+  `TraceNotImplementedError`; ``while`` over activations raises `TraceError`. ``remat`` is
+  transparent (its layers are traced as usual).
+* A conv / dot_general of an activation with a kernel COMPUTED from parameters (a slice ``w[i]`` of
+  a stacked leaf, ``nn.scan`` layers, weight standardisation, weight norm) raises `TraceError`
+  naming the op and the user's line: such a layer cannot be pruned, and is never dropped silently.
 * `LayerGraph.output_sources` describes the last axis of every activation leaf of the output.
 
 NNX: `nnx_split` turns an ``nnx.Module`` into ``(graphdef, state)`` where ``state`` is a pure nested
@@ -922,6 +926,25 @@ class _Tracer:
                 return o
         return None
 
+    def check_kernel(self, eqn: Any, v: Any) -> None:
+        """Raises when an activation meets a kernel computed from parameters that is not one leaf
+        used as is (a slice of a stacked leaf, an ``nn.scan`` layer, weight standardisation, weight
+        norm): it cannot become a prunable layer, and tracing on would drop the layer silently."""
+        if not isinstance(v, _Derived) or self.kernel_origin(v) is not None:
+            return
+        paths = sorted("/".join(p) for p in v.deps if p and p[0] == "params")
+        if not paths:
+            return
+        where = f" inside a '{self.ctx[-1][0]}' body" if self.ctx else ""
+        raise self.error(
+            eqn,
+            f"the kernel of this op{where} is computed from {', '.join(paths[:3])} instead of "
+            "being one parameter leaf used as is (a slice of a stacked parameter, an nn.scan "
+            "layer, weight standardisation or weight norm), so it cannot be pruned as a layer",
+            fix="give each conv/dense layer its own kernel parameter (unroll nn.scan into a "
+            "Python loop of modules; keep derived kernels out of the layers to prune)",
+        )
+
     def new_layer(self, eqn: Any, origin: _Origin, fields: dict) -> int:
         if self.ctx:
             prim, where = self.ctx[-1]
@@ -986,6 +1009,8 @@ class _Tracer:
         win = [k_shape[a] for a in rhs_spec[2:]]
         cin = in_shape[lhs_spec[1]]
         origin = self.kernel_origin(rhs)
+        if _is_act(lhs):
+            self.check_kernel(eqn, rhs)
         if origin is None or not _is_act(lhs):
             # not prunable: every output channel mixes all input features of its group
             self.flops += 2 * math.prod(out_shape) * math.prod(win) * (cin // groups)
@@ -1046,6 +1071,9 @@ class _Tracer:
         elif _is_act(rhs) and self.kernel_origin(lhs) is not None:
             k_side = 0
         if k_side is None:
+            for a, b in ((lhs, rhs), (rhs, lhs)):
+                if _is_act(a):
+                    self.check_kernel(eqn, b)
             return self.dot_mixing(ins, shp, lc, rc, lb, rb, out_shape)
         if lb or rb:
             raise self.error(

@@ -274,6 +274,87 @@ def test_transposed_conv_is_rejected():
         _trace(Up(), (4, 4, 1))
 
 
+def _conv(x, w):
+    dims = ("NHWC", "HWIO", "NHWC")
+    return lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dims)  # line: conv
+
+
+class _ScanBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.relu(nn.Conv(4, (3, 3), name="conv")(x)), None  # line: scan
+
+
+class Scanned(nn.Module):  # big_vision-style layers stacked with nn.scan
+    @nn.compact
+    def __call__(self, x, train=False):
+        blocks = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=3)  # fmt: skip
+        x, _ = blocks(name="blocks")(x, None)
+        return nn.Dense(3)(x.mean((1, 2)))
+
+
+class Stacked(nn.Module):  # one leaf holds three kernels, indexed w[i]
+    @nn.compact
+    def __call__(self, x, train=False):
+        w = self.param("w", nn.initializers.lecun_normal(), (3, 3, 3, 4, 4))
+        for i in range(3):
+            x = nn.relu(_conv(x, w[i]))
+        return nn.Dense(3)(x.mean((1, 2)))
+
+
+class Standardised(nn.Module):  # weight standardisation as in BiT
+    @nn.compact
+    def __call__(self, x, train=False):
+        w = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, 4, 8))
+        w = (w - w.mean((0, 1, 2))) / (w.std((0, 1, 2)) + 1e-5)
+        return nn.Dense(3)(nn.relu(_conv(x, w)).mean((1, 2)))
+
+
+class WeightNormed(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(3)(nn.relu(nn.WeightNorm(nn.Conv(8, (3, 3)))(x)).mean((1, 2)))
+
+
+@pytest.mark.parametrize("model, line", [(Scanned, "scan"), (Stacked, "conv"),
+                                         (Standardised, "conv"), (WeightNormed, None)])
+def test_layers_the_tracer_cannot_prune_are_rejected_never_dropped(model, line):
+    # before, each traced to a graph holding only the Dense head: the convs vanished silently
+    with pytest.raises(TraceError, match="cannot be pruned as a layer") as err:
+        _trace(model(), (8, 8, 4))
+    msg = str(err.value)
+    assert "conv_general_dilated" in msg and "Fix: give each conv/dense layer its own" in msg
+    if line:  # the user's line (WeightNorm: flax's own)
+        assert f"test_trace.py:{_line_of(f'# line: {line}')}" in msg, msg
+
+
+def test_remat_layers_are_traced_pruned_and_compacted():
+    from sculpt_jax import compaction, flops, masking
+
+    class Remat(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.relu(nn.remat(nn.Conv)(8, (3, 3), name="conv")(x))
+            return nn.Dense(3, name="head")(x.mean((1, 2)))
+
+    model = Remat()
+    x = jax.random.normal(KEY, (2, 8, 8, 4))
+    variables = model.init(KEY, x)
+    g = trace_model(model.apply, variables, x)
+    assert [(layer.kind, layer.kernel_path) for layer in g.layers] == [
+        ("conv", ("params", "conv", "kernel")), ("dense", ("params", "head", "kernel"))]
+    masks = masking.ones_masks(variables)
+    masks["conv"]["kernel"] = masks["conv"]["kernel"].at[..., :3].set(0.0)
+    c = flops.count_exact(g, masks)
+    # 3 filters x 4 inputs x 22^2 in-bounds taps (3x3 SAME on 8x8), and 3 of the head's inputs
+    assert c["masked_macs"] == c["dense_macs"] - 3 * 4 * 22 * 22 - 3 * 3
+    fn, cv, info = compaction.compact(model.apply, variables, g, masks, x)
+    np.testing.assert_allclose(fn(cv, x), model.apply(masking.apply_masks(variables, masks), x),
+                               atol=1e-5)  # fmt: skip
+    assert info["layers"][0]["out_after"] == 5
+
+
 def test_abstract_variables_and_bad_input():
     model = HandNet()
     x = jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)
