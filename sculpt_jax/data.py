@@ -52,7 +52,7 @@ import re
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,8 @@ _LAYOUTS_HELP = """Expected one of these layouts:
   * an image folder: DIR/train/<class>/*.{jpg,jpeg,png} and DIR/test/<class>/*.{jpg,jpeg,png},
     optional DIR/val/<class>/...; class folders sorted alphabetically give the label ids; all
     images one size (DIR may also hold a single top folder containing train/ and test/);
-  * a .tar.gz file of such an image folder;
+  * a .tar.gz file of such an image folder, or the official cifar-10-python.tar.gz /
+    cifar-100-python.tar.gz as downloaded (read as is, nothing extracted);
   * a prepared tensorflow-datasets dir (cifar10, cifar100, imagenet2012):
     DIR/<name>/<version>/dataset_info.json with array_record files."""
 
@@ -704,7 +705,9 @@ def _unpickle(path: Path) -> dict:
         return pickle.load(f, encoding="bytes")
 
 
-def _cifar_arrays(entry: dict, label_key: bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_arrays(entry: dict | None, label_key: bytes, path: Any) -> tuple[np.ndarray, np.ndarray]:
+    if entry is None:
+        raise ValueError(f"{path}: a CIFAR python batch is missing. {_LAYOUTS_HELP}")
     if b"data" not in entry or label_key not in entry:
         raise ValueError(
             f"{path} is not a CIFAR python batch (needs keys b'data' and {label_key!r}). "
@@ -715,27 +718,69 @@ def _cifar_arrays(entry: dict, label_key: bytes, path: Path) -> tuple[np.ndarray
     return np.ascontiguousarray(images), np.asarray(entry[label_key], np.int32)
 
 
-def _load_cifar_pickles(kind: str, d: Path) -> tuple[dict[str, Split], tuple[str, ...], str]:
+def _load_cifar_pickles(kind: str, d: Path, read: Callable[[str], dict | None] | None = None,
+                        where: str | None = None) -> tuple[dict[str, Split], tuple[str, ...], str]:
+    """CIFAR python batches from the folder `d`, or from `read(file name) -> unpickled dict or
+    None` (the official archive, `_load_cifar_archive`)."""
+    if read is None:
+        read = lambda n: _unpickle(d / n) if (d / n).is_file() else None  # noqa: E731
+    where = where or str(d)
     if kind == "cifar10":
-        parts = [_cifar_arrays(_unpickle(d / f"data_batch_{i}"), b"labels", d) for i in range(1, 6)]
+        parts = [_cifar_arrays(read(f"data_batch_{i}"), b"labels", where) for i in range(1, 6)]
         train_x = np.concatenate([p[0] for p in parts])
         train_y = np.concatenate([p[1] for p in parts])
-        test_x, test_y = _cifar_arrays(_unpickle(d / "test_batch"), b"labels", d)
-        meta_file, names_key, n_classes = d / "batches.meta", b"label_names", 10
+        test_x, test_y = _cifar_arrays(read("test_batch"), b"labels", where)
+        meta_file, names_key, n_classes = "batches.meta", b"label_names", 10
     else:
-        train_x, train_y = _cifar_arrays(_unpickle(d / "train"), b"fine_labels", d / "train")
-        test_x, test_y = _cifar_arrays(_unpickle(d / "test"), b"fine_labels", d / "test")
-        meta_file, names_key, n_classes = d / "meta", b"fine_label_names", 100
+        train_x, train_y = _cifar_arrays(read("train"), b"fine_labels", f"{where}/train")
+        test_x, test_y = _cifar_arrays(read("test"), b"fine_labels", f"{where}/test")
+        meta_file, names_key, n_classes = "meta", b"fine_label_names", 100
     names = tuple(str(i) for i in range(n_classes))
-    if meta_file.is_file():
-        raw = _unpickle(meta_file).get(names_key)
+    meta = read(meta_file)
+    if meta is not None:
+        raw = meta.get(names_key)
         if raw is not None and len(raw) == n_classes:
             names = tuple(n.decode() if isinstance(n, bytes) else str(n) for n in raw)
     splits = {
         "train": Split(train_x, train_y, np.arange(train_y.shape[0], dtype=np.int64)),
         "test": Split(test_x, test_y, np.arange(test_y.shape[0], dtype=np.int64)),
     }
-    return splits, names, f"CIFAR python pickles at {d}"
+    return splits, names, f"CIFAR python pickles at {where}"
+
+
+_CIFAR_ARCHIVE_DIRS = {"cifar-10-batches-py": "cifar10", "cifar-100-python": "cifar100"}
+
+
+def _cifar_archive_kind(path: Path) -> str | None:
+    """"cifar10" / "cifar100" when `path` is the official python archive (its first member is the
+    batches folder), else None (an image-folder archive). Reads one header only."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            first = tar.next()
+    except (tarfile.TarError, OSError, EOFError):
+        return None
+    top = first.name.lstrip("./").split("/")[0] if first is not None else ""
+    return _CIFAR_ARCHIVE_DIRS.get(top)
+
+
+def _load_cifar_archive(kind: str, path: Path):
+    """The official ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``, read as is (the
+    pickles are unpickled from the archive's members: no extraction to disk)."""
+    blobs: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for m in tar:
+                if m.isfile() and m.name.lstrip("./").split("/")[0] in _CIFAR_ARCHIVE_DIRS:
+                    f = tar.extractfile(m)
+                    blobs[m.name.rsplit("/", 1)[-1]] = f.read() if f else b""
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: cannot read the archive ({e}). {_LAYOUTS_HELP}") from e
+
+    def read(name: str) -> dict | None:
+        # CIFAR's official format is a pickle; only ever load files the user pointed us at.
+        return pickle.loads(blobs[name], encoding="bytes") if name in blobs else None
+
+    return _load_cifar_pickles(kind, path, read, f"{path} (official archive)")
 
 
 # -- image folders and tarballs ----------------------------------------------------------------
@@ -1172,6 +1217,9 @@ def _detect_local(
         )
     if data_dir.is_file():
         if data_dir.name.endswith((".tar.gz", ".tgz", ".tar")):
+            kind = _cifar_archive_kind(data_dir)
+            if kind is not None:
+                return _load_cifar_archive(kind, data_dir)
             arrays, source = _load_tarball(data_dir, cache_dir, progress)
             splits, names = _splits_from_arrays(arrays)
             return splits, names, source

@@ -336,6 +336,25 @@ def test_cifar10_pickles(tmp_path):
         data.load_dataset("cifar100", tmp_path, val_size=10)
 
 
+def test_official_cifar10_archive_as_downloaded(tmp_path):
+    # cifar-10-python.tar.gz from the CIFAR site: cifar-10-batches-py/ first, pickles inside
+    train_x, test_x = _write_cifar10_pickles(tmp_path / "cifar-10-batches-py")
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    s = data.load_dataset("cifar10", archive, val_size=10, cache_dir=tmp_path / "cache")
+    assert (s.train.n, s.val.n, s.test.n) == (90, 10, 20) and "official archive" in s.source
+    np.testing.assert_array_equal(s.train.images, train_x[s.train.index])
+    np.testing.assert_array_equal(s.test.images, test_x)
+    assert s.class_names == tuple(f"c{i}" for i in range(10))
+    broken = tmp_path / "broken.tar.gz"
+    with tarfile.open(broken, "w:gz") as tar:
+        tar.add(tmp_path / "cifar-10-batches-py" / "data_batch_1",
+                arcname="cifar-10-batches-py/data_batch_1")  # fmt: skip
+    with pytest.raises(ValueError, match="a CIFAR python batch is missing"):
+        data.load_dataset("cifar10", broken, val_size=10)
+
+
 def test_cifar100_pickles(tmp_path):
     d = tmp_path / "cifar-100-python"
     d.mkdir()
