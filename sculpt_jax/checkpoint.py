@@ -21,6 +21,7 @@ ValueError) naming the first differing path; a step that cannot be read raises
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,9 +33,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
 from sculpt_jax.tree_util import path_of
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointMismatchError",
@@ -143,7 +145,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             out.append(json.loads(line))
         except json.JSONDecodeError as e:
             if i == len(lines) - 1:  # a write cut short by a kill
-                logging.warning("%s: skipping a torn last line", path)
+                log.warning("%s: skipping a torn last line", path)
                 break
             raise ValueError(f"{path!r} line {i + 1} is not valid JSON ({e})") from e
     return out
@@ -291,7 +293,7 @@ class Checkpointer:
         src = self.step_dir(step)
         dst = os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}")
         os.replace(src, dst)
-        logging.warning("moved unreadable checkpoint %s aside to %s", src, dst)
+        log.warning("moved unreadable checkpoint %s aside to %s", src, dst)
         self._bad_steps.discard(step)
         self._mgr.reload()
 
@@ -392,7 +394,7 @@ class Checkpointer:
             except CorruptCheckpointError as e:
                 self._bad_steps.add(step)
                 errors.append(str(e))
-                logging.warning("%s; falling back to the previous step.", e)
+                log.warning("%s; falling back to the previous step.", e)
                 continue
             return step, state, meta
         if errors:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import logging
 import math
 import os
 import pickle
@@ -59,7 +60,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "CIFAR_MEAN",
@@ -935,7 +937,7 @@ def _load_folder(root: Path, cache_dir: Path, progress: bool) -> tuple[dict, str
         t0 = time.perf_counter()
         arrays = _decode_tree(root, tree, classes, lambda p: (p, str(p)), progress)
         _atomic_save_npz(cache, arrays)
-        logging.info("decoded %s in %.1f s -> %s", root, time.perf_counter() - t0, cache)
+        log.info("decoded %s in %.1f s -> %s", root, time.perf_counter() - t0, cache)
     return _read_cache(cache), f"image folder {root} (cache {cache})"
 
 
@@ -978,7 +980,7 @@ def _load_tarball(path: Path, cache_dir: Path, progress: bool) -> tuple[dict, st
         arrays = _decode_tree(path, tree, classes, read, progress)
         del blobs
         _atomic_save_npz(cache, arrays)
-        logging.info("decoded %s in %.1f s -> %s", path, time.perf_counter() - t0, cache)
+        log.info("decoded %s in %.1f s -> %s", path, time.perf_counter() - t0, cache)
     return _read_cache(cache), f"image-folder archive {path} (cache {cache})"
 
 
@@ -1307,7 +1309,7 @@ def load_dataset(
             raise ValueError(f"{source}: labels outside 0..{num_classes - 1}; the data is corrupt.")
     train, test = splits["train"], splits["test"]
     if "val" in splits:
-        logging.info("%s: using its own val/ split; val_size ignored", source)
+        log.info("%s: using its own val/ split; val_size ignored", source)
         val = splits["val"]
     else:
         train, val = _carve_val(train, val_size, seed)

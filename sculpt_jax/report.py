@@ -17,7 +17,8 @@ times in seconds. `aggregate_rows` turns rows of several seeds into one row of m
   band shaded, in-band candidates highlighted, the Pareto front marked),
   ``pattern_distribution.png`` (``export/pattern_ids.json``: per layer, a stacked bar of how many
   filters got each pattern id) and ``search_curves.png`` (``search/metrics.jsonl``: reward_mean,
-  in_band_rate, best_accuracy per iteration).
+  in_band_rate, best_accuracy per iteration) and ``training_curves.png`` (train loss and validation
+  accuracy per epoch of the pretrain and of every fine-tuned candidate).
 
 Plots are drawn with `matplotlib.figure.Figure` on the Agg canvas, without `pyplot`, so no global
 backend is switched (safe inside notebooks and on headless machines). A missing or unreadable input
@@ -54,6 +55,7 @@ __all__ = [
     "plot_accuracy_vs_flops",
     "plot_pattern_distribution",
     "plot_search_curves",
+    "plot_training_curves",
     "write_run_report",
 ]
 
@@ -61,6 +63,7 @@ PLOT_FILES = {
     "accuracy_vs_flops": "accuracy_vs_flops.png",
     "pattern_distribution": "pattern_distribution.png",
     "search_curves": "search_curves.png",
+    "training_curves": "training_curves.png",
 }
 
 # Keys that identify a run rather than measure it: never averaged.
@@ -612,6 +615,43 @@ def plot_search_curves(path: str, history: Sequence[Mapping], title: str = "") -
     return _save(fig, path)
 
 
+def plot_training_curves(path: str, runs: Mapping[str, Sequence[Mapping]], title: str = "") -> str:
+    """Two panels over epochs, one line per training run (pretrain, each fine-tuned candidate):
+    train loss and validation accuracy (`training.fit`'s metrics.jsonl records).
+
+    Raises:
+      ValueError: no run has an epoch record.
+    """
+    runs = {k: [r for r in v if "train_loss" in r] for k, v in runs.items()}
+    runs = {k: v for k, v in runs.items() if v}
+    if not runs:
+        raise ValueError("no epoch records (train_loss / val_accuracy) in any metrics.jsonl")
+    fig = _figure(7.0, 5.0)
+    axes = fig.subplots(2, 1, sharex=True)
+    for name, recs in runs.items():
+        ep = np.array([_num(r.get("epoch")) or (i + 1) for i, r in enumerate(recs)], np.float64)
+        axes[0].plot(ep, _floats([r.get("train_loss") for r in recs]), marker=".", lw=1.2,
+                     label=name)  # fmt: skip
+        axes[1].plot(ep, _floats([r.get("val_accuracy") for r in recs]), marker=".", lw=1.2,
+                     label=name)  # fmt: skip
+    for ax, k in zip(axes, ("train loss", "validation accuracy"), strict=True):
+        ax.set_ylabel(k, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[-1].set_xlabel("epoch")
+    axes[0].set_title(title or "training curves", fontsize=9)
+    return _save(fig, path)
+
+
+def _training_runs(workdir: str) -> dict[str, list[dict]]:
+    """{"pretrain": records, "finetune cand0": ...} of the metrics.jsonl files present."""
+    runs = {"pretrain": ckpt.read_jsonl(os.path.join(workdir, "pretrain", "metrics.jsonl"))}
+    ft_dir = os.path.join(workdir, "finetune")
+    for d in sorted(os.listdir(ft_dir)) if os.path.isdir(ft_dir) else []:
+        runs[f"finetune {d}"] = ckpt.read_jsonl(os.path.join(ft_dir, d, "metrics.jsonl"))
+    return runs
+
+
 # ----------------------------------------------------------------------------------------------
 # The run report.
 
@@ -694,7 +734,11 @@ def _make_plots(
 
     attempt("accuracy_vs_flops", acc_flops)
     attempt("pattern_distribution", patterns)
+    def training(path):
+        plot_training_curves(path, _training_runs(workdir), title=f"{label}: training")
+
     attempt("search_curves", curves)
+    attempt("training_curves", training)
     return written, skipped
 
 
@@ -702,6 +746,7 @@ _PLOT_TITLES = {
     "accuracy_vs_flops": "Accuracy vs FLOPs reduction of every evaluated candidate",
     "pattern_distribution": "Pattern ids per layer of the chosen model",
     "search_curves": "Search curves",
+    "training_curves": "Pretrain and fine-tune curves (train loss, validation accuracy per epoch)",
 }
 
 

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from flax import struct
 from tqdm import tqdm
 
@@ -49,6 +49,8 @@ from sculpt_jax import data as data_lib
 from sculpt_jax import masking
 from sculpt_jax import sharding as shd
 from sculpt_jax.tree_util import flatten_with_paths, path_str
+
+log = logging.getLogger(__name__)
 
 ApplyFn = Callable[..., Any]
 Batch = Mapping[str, Any]
@@ -805,7 +807,7 @@ def fit(
                 history = list(meta["history"])
                 start_epoch = int(meta["epoch"])
                 ckpt_lib.write_jsonl(metrics_path, history)
-                logging.info("fit: resumed %s at epoch %d", workdir, start_epoch)
+                log.info("fit: resumed %s at epoch %d", workdir, start_epoch)
 
         if mesh is not None:
             state, best = shd.replicate(state, mesh), shd.replicate(best, mesh)

@@ -4,6 +4,7 @@ and one clear error per bad input."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import jax
@@ -231,12 +232,18 @@ def test_autocompress_method_through_the_main_job(tmp_path, capsys):
     assert row2["test_accuracy"] == row["test_accuracy"]
 
 
-def test_stage_chain_reads_the_workdir_config(tmp_path, capsys):
+def test_stage_chain_reads_the_workdir_config(tmp_path, capsys, caplog):
     # `prune --workdir W` after `pretrain --workdir W ...` continues that run (W/config.json):
     # before, it fell back to the defaults (ResNet-20, 12 epochs) and clashed with W's pretrain
     wd = str(tmp_path / "chain")
     assert cli.main(["pretrain", "--workdir", wd, *SMOKE]) == 0
+    caplog.set_level(logging.INFO)
     assert cli.main(["prune", "--workdir", wd, "--quiet"]) == 0
+    # the resume messages come from the sculpt_jax loggers, which the CLI shows (absl's it hides)
+    resumed = [r for r in caplog.records if "fit: resumed" in r.getMessage()]
+    assert resumed and resumed[0].name == "sculpt_jax.training"
+    assert resumed[0].getMessage().endswith("at epoch 2")
+    assert any("config.json" in r.getMessage() for r in caplog.records)
     assert cli.main(["finetune", "--workdir", wd, "--quiet", "--config.finetune.lr=0.02"]) == 0
     lines = open(os.path.join(wd, "pretrain", "metrics.jsonl")).read().splitlines()
     epochs = [json.loads(line)["epoch"] for line in lines if "train_loss" in line]

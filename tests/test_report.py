@@ -195,6 +195,11 @@ def _synthetic_workdir(root: pathlib.Path) -> pathlib.Path:
         {"iteration": 1, "reward_mean": 0.5, "in_band_rate": 0.5, "best_accuracy": 0.60},
         {"iteration": 2, "reward_mean": 30.0, "in_band_rate": 0.5, "best_accuracy": 0.65},
     ])  # fmt: skip
+    epochs = lambda loss, acc: [{"epoch": e + 1, "train_loss": lo, "val_accuracy": a}  # noqa: E731
+                                for e, (lo, a) in enumerate(zip(loss, acc, strict=True))]
+    ckpt.write_jsonl(wd / "pretrain" / "metrics.jsonl",
+                     epochs([2.0, 1.2, 0.8], [0.4, 0.6, 0.7]) + [{"best_epoch": 3}])  # fmt: skip
+    ckpt.write_jsonl(wd / "finetune" / "cand0" / "metrics.jsonl", epochs([1.0, 0.7], [0.6, 0.68]))
     ids = {"stem_conv": [0, 5, 5, 3], "block/conv1": [1, 2, 4, 5, 5, 5], "head": [5, 5]}
     ckpt.save_json(wd / "export" / "pattern_ids.json", ids)
     return wd
@@ -219,7 +224,8 @@ def test_write_run_report_writes_tables_and_pngs(tmp_path):
     out = report.write_run_report(str(wd / "report"), ROW, SEARCHED, cfg)
     rep = wd / "report"
     assert out["skipped"] == {}
-    for name in ("accuracy_vs_flops.png", "pattern_distribution.png", "search_curves.png"):
+    for name in ("accuracy_vs_flops.png", "pattern_distribution.png", "search_curves.png",
+                 "training_curves.png"):  # fmt: skip
         data = (rep / name).read_bytes()
         assert data[:8] == PNG_MAGIC, name
         assert len(data) > 5_000, name
@@ -227,7 +233,8 @@ def test_write_run_report_writes_tables_and_pngs(tmp_path):
     assert report.format_row_table([ROW]) in md
     for link in ("![accuracy_vs_flops](accuracy_vs_flops.png)",
                  "![pattern_distribution](pattern_distribution.png)",
-                 "![search_curves](search_curves.png)"):  # fmt: skip
+                 "![search_curves](search_curves.png)",
+                 "![training_curves](training_curves.png)"):  # fmt: skip
         assert link in md
     assert "exact counts" in md and "ref. formula" in md
     assert "test split was evaluated once" in md
