@@ -10,6 +10,7 @@ One of the few modules that touch the filesystem (DESIGN.md section 2); everythi
   as their NamedTuple types and arrays with the target's sharding; round trips are bit-identical.
 * `save_pytree` / `load_pytree`: one pytree at one path (exports of final params and masks).
 * `save_json` / `load_json` / `append_jsonl` / `read_jsonl` / `write_jsonl`: summaries and metrics,
+  `log_scalars`: the same metrics as TensorBoard scalars (tensorboardX, optional),
   written atomically (temporary file + rename) where a whole file is written.
 
 Errors: restoring into a target of another tree or shape raises `CheckpointMismatchError` (a
@@ -20,6 +21,7 @@ ValueError) naming the first differing path; a step that cannot be read raises
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -43,6 +45,7 @@ __all__ = [
     "Checkpointer",
     "CorruptCheckpointError",
     "append_jsonl",
+    "log_scalars",
     "load_json",
     "load_pytree",
     "read_jsonl",
@@ -128,6 +131,43 @@ def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
 def write_jsonl(path: str | os.PathLike, records: list[Mapping[str, Any]]) -> None:
     """Replaces `path` by the given JSON lines, atomically (an empty list truncates the file)."""
     _atomic_write_text(os.fspath(path), "".join(json.dumps(to_jsonable(r)) + "\n" for r in records))
+
+
+_TB_WRITERS: dict[str, Any] = {}  # logdir -> open tensorboardX SummaryWriter
+_TB_STATE = {"warned": False}
+
+
+def _close_writers() -> None:
+    for w in _TB_WRITERS.values():
+        w.close()
+    _TB_WRITERS.clear()
+
+
+def log_scalars(logdir: str | os.PathLike, record: Mapping[str, Any], step: int) -> bool:
+    """Writes the finite numeric fields of a metrics record as TensorBoard scalars at `step`
+    (tensorboardX event files under `logdir`; ``tensorboard --logdir <workdir>`` shows every
+    stage). tensorboardX is optional: without it nothing is written (one INFO line says so).
+    Returns whether it wrote."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        if not _TB_STATE["warned"]:
+            log.info("tensorboardX is not installed: metrics go to metrics.jsonl only "
+                     "(pip install tensorboardX for TensorBoard event files)")  # fmt: skip
+            _TB_STATE["warned"] = True
+        return False
+    key = os.path.abspath(os.fspath(logdir))
+    if key not in _TB_WRITERS:
+        if not _TB_WRITERS:
+            atexit.register(_close_writers)
+        _TB_WRITERS[key] = SummaryWriter(key)
+    w = _TB_WRITERS[key]
+    for k, v in record.items():
+        if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+            if np.isfinite(float(v)):
+                w.add_scalar(k, float(v), int(step))
+    w.flush()
+    return True
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -33,6 +33,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.workdir = "runs/default"
     c.progress = True  # progress bars
+    c.tensorboard = True  # metrics also as TensorBoard event files (<stage>/tensorboard/; tensorboardX)
 
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.checkpoint = ""  # a pretrained workdir/checkpoint to start from instead of training

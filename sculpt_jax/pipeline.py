@@ -243,6 +243,7 @@ def pretrain(cfg, *, overwrite: bool = False, s: Setup | None = None) -> dict:
         progress=cfg.progress,
         overwrite=overwrite,
         config_extra=_run_fingerprint(cfg),
+        tensorboard=cfg.tensorboard,
     )
     ckpt.save_pytree(os.path.join(wd, "best_variables"), res.variables)
     out = {"val_accuracy": res.best_val_accuracy, "test_accuracy": res.test_accuracy,
@@ -588,7 +589,7 @@ def prune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=Non
         decoder=None if legacy else ss.decoder, proposal=proposal_config(cfg),
         fingerprint=dict(_run_fingerprint(cfg), search=sc.to_dict(), ppo=cfg.ppo.to_dict(),
                          bandit=cfg.bandit.to_dict()),
-        overwrite=overwrite,
+        overwrite=overwrite, tensorboard=cfg.tensorboard,
     )  # fmt: skip
     if sc.method == "ppo" and not legacy:
         params = result.state.agent.params
@@ -726,7 +727,7 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
             optimizer=dict(kind="sgd", lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
                            schedule=f.schedule),
             augment_fn=data_lib.make_augment(s.splits.name, s.input_shape) if f.augment else None,
-            progress=cfg.progress, overwrite=overwrite,
+            progress=cfg.progress, overwrite=overwrite, tensorboard=cfg.tensorboard,
             config_extra=dict(_run_fingerprint(cfg), candidate=k, method=cfg.search.method),
         )  # fmt: skip
         results.append((res, masks, cand))

@@ -669,6 +669,7 @@ def fit(
     max_to_keep: int = 3,
     stop_after_epochs: int | None = None,
     config_extra: Mapping[str, Any] | None = None,
+    tensorboard: bool = True,
 ) -> FitResult:
     """Trains (or masked-fine-tunes) a model, checkpointing every epoch, resuming exactly (host).
 
@@ -700,6 +701,8 @@ def fit(
       overwrite: discard the workdir's checkpoints and metrics first.
       stop_after_epochs: stop (as if killed, resumable) after this many epochs in this call.
       config_extra: JSON-able facts added to the fingerprint (model name, dataset, ...).
+      tensorboard: also write each epoch's metrics as TensorBoard scalars under
+        ``workdir/tensorboard`` (`checkpoint.log_scalars`; needs tensorboardX, else skipped).
     Raises:
       ValueError: bad sizes, a workdir holding another run's checkpoint, missing splits.
     """
@@ -875,6 +878,8 @@ def fit(
                 },
             )
             ckpt_lib.append_jsonl(metrics_path, record)
+            if tensorboard:
+                ckpt_lib.log_scalars(os.path.join(workdir, "tensorboard"), record, epoch + 1)
             if progress:
                 tqdm.write(
                     f"epoch {epoch + 1}/{epochs}: train loss {record['train_loss']:.4f} acc "

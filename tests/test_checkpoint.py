@@ -2,7 +2,9 @@
 
 import functools
 import os
+import pathlib
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -213,3 +215,34 @@ def test_json_helpers(tmp_path):
     ck.write_jsonl(lines, [{"x": 1}])
     assert ck.read_jsonl(lines) == [{"x": 1}]
     assert ck.read_jsonl(tmp_path / "none.jsonl") == []
+
+
+def _read_events(logdir) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} of the TFRecord-framed event files under logdir."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for f in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
+
+
+def test_log_scalars_writes_tensorboard_events_and_is_optional(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboardX")
+    for step, acc in ((1, 0.5), (2, 0.75)):
+        assert ck.log_scalars(tmp_path / "tb", {"val_accuracy": acc, "epoch": step, "name": "x",
+                                                "nan": float("nan"), "flag": True}, step)
+    events = _read_events(tmp_path / "tb")
+    assert events["val_accuracy"] == [(1, 0.5), (2, 0.75)]
+    assert set(events) == {"val_accuracy", "epoch"}  # strings, NaN and bools are not scalars
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # not installed
+    assert ck.log_scalars(tmp_path / "none", {"a": 1.0}, 1) is False
+    assert not (tmp_path / "none").exists()

@@ -136,6 +136,10 @@ def test_main_job_smoke_end_to_end(tmp_path, capsys):
     for b in ("b1", "b256"):  # latency of dense, masked and compacted models was measured
         assert all(row[f"latency_ms_{k}_{b}"] > 0 for k in ("dense", "masked", "compact"))
     assert os.path.exists(os.path.join(wd, "export", "compact", "compact.json"))
+    for stage in ("pretrain", "search", os.path.join("finetune", "cand0")):  # TensorBoard events
+        assert any(f.startswith("events.out.tfevents")
+                   for f in os.listdir(os.path.join(wd, stage, "tensorboard"))), stage  # fmt: skip
+    assert os.path.exists(os.path.join(wd, "report", "training_curves.png"))
     assert row["compact_align"] == C.auto_align() and row["compact_align"] >= 1
     assert row["compact_stored_params"] >= row["compact_params"]
     assert 0 < row["pretrain_epoch_seconds"] and 0 < row["finetune_epoch_seconds"]

@@ -174,6 +174,7 @@ def run_search(
     overwrite: bool = False,
     stop_after: int | None = None,
     best_at: tuple[int, ...] = (),
+    tensorboard: bool = True,
 ) -> SearchResult:
     """Runs (or resumes) a search in `workdir` and returns its best in-band candidates.
 
@@ -192,6 +193,8 @@ def run_search(
       stop_after: stop after this many iterations in this process (for tests of resume).
       best_at: iterations after which the kept candidates are also recorded
         (`SearchResult.best_at[it]`, as `best`): smaller budgets read off one run.
+      tensorboard: also write each iteration's metrics as TensorBoard scalars under
+        ``workdir/tensorboard`` (`checkpoint.log_scalars`; needs tensorboardX, else skipped).
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
@@ -273,6 +276,8 @@ def run_search(
             record["seconds"] = time.perf_counter() - t0
             history.append(record)
             ckpt.append_jsonl(metrics_path, record)
+            if tensorboard:
+                ckpt.log_scalars(os.path.join(workdir, "tensorboard"), record, it + 1)
             ckpt.append_jsonl(cand_path, {
                 "iteration": it, **{k: np.asarray(v).reshape(-1).tolist() for k, v in c.items()}
             })  # fmt: skip
