@@ -163,8 +163,9 @@ def as_apply_fn(model_or_apply_fn: Any, variables: Any) -> tuple[Callable, Any, 
     """``(apply_fn, variables, nnx)`` with the Linen-style contract of `sculpt_jax.training`.
 
     A Linen module gives ``model.apply`` (a ``__call__`` without a ``train`` argument is called
-    without it); an NNX module gives `trace.nnx_apply_fn` over the ``{"params", "batch_stats"}`` of its
-    `trace.nnx_split` state (then `variables` must be None; ``nnx`` holds the rest); any other callable is taken as the apply function itself.
+    without it); an NNX module gives `trace.nnx_apply_fn` over the ``{"params", "batch_stats"}``
+    of its `trace.nnx_split` state (then `variables` must be None; ``nnx`` holds the rest); any
+    other callable is taken as the apply function itself.
     """
     import flax.linen as nn
     from flax import nnx
@@ -231,7 +232,11 @@ def _digest(*trees: Any) -> str:
 
 
 def _num_classes(apply_fn, variables, images, labels, name) -> int:
-    out = jax.eval_shape(lambda v, x: apply_fn(v, x, train=False), variables, images[:1])
+    try:
+        out = jax.eval_shape(lambda v, x: apply_fn(v, x, train=False), variables, images[:1])
+    except Exception as e:  # noqa: BLE001 - re-raised with what to check
+        raise ValueError(f"the model cannot take {name} images of shape {images.shape[1:]} "
+                         f"{images.dtype}: {type(e).__name__}: {e}") from e
     if not hasattr(out, "shape") or len(out.shape) != 2:
         raise ValueError(f"the model must return logits [B, classes]; it returned {out}")
     n = int(out.shape[-1])

@@ -150,6 +150,7 @@ def test_model_without_train_flag_and_iterator_data(digits):
         (dict(tolerance=1e-5), "tolerance=...)"),
         (dict(overrides={"search.heldout_size": 10_000}), "do not fit in the validation split"),
         (dict(variables={"batch_stats": {}}), "with a 'params' collection"),
+        (dict(val=lambda x, y: (x[:, :4], y)), "and val_data images (4, 8, 1) differ in shape"),
     ],
 )
 def test_bad_input_is_one_clear_error_before_any_search(digits, change, message):
