@@ -416,3 +416,30 @@ def test_bad_model_keyword_rejected():
         get_model("resnet20", widht=3)
     with pytest.raises(ValueError, match="shortcut must be 'A' or 'B'"):
         jax.eval_shape(lambda k: init_model(get_model("resnet20", shortcut="C"), k, (8, 8, 1)), KEY)
+
+
+def test_register_model_makes_a_user_model_nameable():
+    import flax.linen as nn
+
+    from sculpt_jax import models
+
+    class Tiny(nn.Module):
+        num_classes: int = 10
+
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            return nn.Dense(self.num_classes)(nn.Conv(4, (3, 3))(x).mean((1, 2)))
+
+    models.register_model("my_tiny", Tiny, input_shape=(8, 8, 1), num_classes=7,
+                          description="a test model")  # fmt: skip
+    try:
+        spec = model_spec("MY_TINY")
+        assert (spec.family, spec.input_shape, spec.num_classes) == ("user", (8, 8, 1), 7)
+        model = get_model("my_tiny")
+        assert isinstance(model, Tiny) and model.num_classes == 7
+        assert get_model("my_tiny", num_classes=3).num_classes == 3
+        assert "my_tiny" in list_models()
+        with pytest.raises(ValueError, match="is a zoo model"):
+            models.register_model("resnet20", Tiny, input_shape=(8, 8, 1), num_classes=7)
+    finally:
+        models._REGISTRY.pop("my_tiny", None)
