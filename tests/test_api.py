@@ -137,6 +137,22 @@ def test_model_without_train_flag_and_iterator_data(digits):
     _assert_pruned_and_compact(result, tuned, masked, x_val[:5])
 
 
+def test_pure_apply_function(digits):
+    x_train, y_train, x_val, y_val = digits
+    model = LinenNet()
+    variables = model.init(jax.random.key(0), x_train[:1])
+
+    def apply_fn(v, x, train=False, **kw):  # any function with Linen's contract
+        return model.apply(v, x * 1.0, train=train, **kw)
+
+    result = sculpt_jax.prune(apply_fn, variables, (x_train, y_train), (x_val, y_val),
+                              method="magnitude", budget=16, top_k=1)  # fmt: skip
+    assert len(result.candidates) == 1
+    tuned = sculpt_jax.finetune(result, (x_train, y_train), (x_val, y_val), epochs=1)
+    masked = lambda x: apply_fn(masking.apply_masks(tuned.variables, tuned.masks), x)  # noqa: E731
+    _assert_pruned_and_compact(result, tuned, masked, x_val[:5])
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
