@@ -222,13 +222,17 @@ def make_counter(graph: LayerGraph) -> Callable[[Any], dict[str, jax.Array]]:
 
 
 def count_exact(graph: LayerGraph, masks: Any = None) -> dict[str, int | float]:
-    """`count` with MACs/FLOPs/params as exact Python ints and reductions as floats (host-only)."""
+    """`count` with MACs/FLOPs/params as exact Python ints and reductions as floats (host-only),
+    plus the literature's convention (`conventional_macs`, padding taps included)."""
     c = count(graph, masks)
     masked_macs = sum(
         sum(int(n) * p for n, p in zip(np.asarray(ck).tolist(), layer.cell_position_counts,
                                         strict=True))
         for ck, layer in zip(c["layer_cell_kept"], graph.layers, strict=True)
     )  # fmt: skip
+    conv_masked = sum(int(np.sum(np.asarray(ck))) * layer.n_positions
+                      for ck, layer in zip(c["layer_cell_kept"], graph.layers, strict=True))  # fmt: skip
+    conv_dense = conventional_macs(graph)
     dense_macs = graph.dense_macs
     masked_flops = 2 * masked_macs + graph.other_flops
     dense_flops = graph.dense_flops
@@ -248,7 +252,22 @@ def count_exact(graph: LayerGraph, masks: Any = None) -> dict[str, int | float]:
         "macs_reduction": red(masked_macs, dense_macs),
         "flops_reduction": red(masked_flops, dense_flops),
         "params_reduction": red(masked_params, dense_params),
+        "dense_conventional_macs": conv_dense,
+        "masked_conventional_macs": conv_masked,
+        "conventional_macs_reduction": red(conv_masked, conv_dense),
     }
+
+
+def conventional_macs(graph: LayerGraph) -> int:
+    """Dense MACs per example in the pruning literature's convention (thop / fvcore /
+    Torch-Pruning): every kernel tap at every output position, zero padding included, convs and
+    dense layers only (host). ResNet-20 (CIFAR): 40,551,040 (40.55M); ResNet-56: 125,485,696 (125.49M).
+
+    `count_exact` gives it with the masked count in the same convention (kept, alive kernel entries
+    x output positions) as ``dense_conventional_macs`` / ``masked_conventional_macs``; its own
+    ``dense_macs`` counts only the taps that land inside the input (what XLA computes)."""
+    return sum(layer.n_positions * layer.kernel_cells * (layer.in_features // layer.groups)
+               * layer.out_features for layer in graph.layers)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

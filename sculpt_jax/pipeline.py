@@ -173,6 +173,7 @@ def model_info(name: str, num_classes: int | None = None, input_shape=None) -> d
         "params": params,
         "dense_flops_exact": int(lg.dense_flops),
         "dense_macs_prunable": int(lg.dense_macs),
+        "dense_conventional_macs": int(flops_lib.conventional_macs(lg)),  # padding taps included
         "xla_cost_analysis_flops": xla_flops,
         "conv_layers": int(n_conv),
         "dense_layers": int(n_dense),
@@ -756,6 +757,10 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
         "masked_flops": exact["masked_flops"],
         "dense_params": exact["dense_params"],
         "masked_params": exact["masked_params"],
+        # the pruning literature's MACs (thop / fvcore: padding taps included), for comparison
+        "dense_conventional_macs": exact["dense_conventional_macs"],
+        "masked_conventional_macs": exact["masked_conventional_macs"],
+        "conventional_macs_reduction": exact["conventional_macs_reduction"],
         "pruned_weights_exactly_zero": zero_ok,
     }
     export(os.path.join(cfg.workdir, "export"), final, masks, ss, cand.get("pattern_ids"), summary)

@@ -40,8 +40,9 @@ Conventions beyond `sculpt_jax.types`:
   are free), the input size of a reduction, output size x window of a ``reduce_window`` and
   ``2*M*N*K`` of an activation-activation ``dot_general``; ops on parameters only are not counted.
   Then ``2 * sum(valid_macs) + other_flops`` matches XLA's ``cost_analysis()`` flops +
-  transcendentals within 2% on the zoo; `Layer.macs` (types.py) also counts the kernel taps that
-  land in zero padding, which XLA skips (ResNet-20: +8%, CIFAR VGG-16: +27%).
+  transcendentals within 2% on the zoo. `Layer.macs` counts the same in-bounds taps; the
+  literature's convention, every tap including those on zero padding
+  (`flops.conventional_macs`), is larger (ResNet-20: +10%, CIFAR VGG-16: +27%).
 * Constants (literals, closed-over arrays, iota) are folded on the host, so ``gather`` /
   ``dynamic_slice`` at constant indices move channels exactly; ``dynamic_slice`` at data-dependent
   offsets is treated as a reduction over the sliced axes; ``gather`` from an activation at

@@ -32,6 +32,7 @@ def test_info_json_reports_exact_counts(capsys):
     assert info["params"] == 269_722  # option-A ResNet-20
     assert info["conv_layers"] == 19 and info["dense_layers"] == 1 and info["traced_layers"] == 20
     assert info["input_shape"] == [32, 32, 3]
+    assert info["dense_conventional_macs"] == 40_551_040  # the 40.55M MACs of the literature
     # exact dense FLOPs agree with XLA's cost analysis of the compiled forward within 2%
     assert abs(info["dense_flops_exact"] / info["xla_cost_analysis_flops"] - 1) < 0.02
     assert info["graph_nodes"] > 698  # 698 filters plus feature-map nodes
@@ -133,6 +134,7 @@ def test_main_job_smoke_end_to_end(tmp_path, capsys):
     assert abs(row["flops_reduction"] - 0.5) <= 0.05 + 1e-6  # within the decoder's tolerance
     assert row["pruned_weights_exactly_zero"] is True
     assert row["masked_flops"] < row["dense_flops"]
+    assert row["masked_conventional_macs"] < row["dense_conventional_macs"]
     for b in ("b1", "b256"):  # latency of dense, masked and compacted models was measured
         assert all(row[f"latency_ms_{k}_{b}"] > 0 for k in ("dense", "masked", "compact"))
     assert os.path.exists(os.path.join(wd, "export", "compact", "compact.json"))

@@ -416,3 +416,30 @@ def test_alive_features_match_real_forward_zeros():
     s2_in = np.asarray(inputs["stage2_block0/conv1"])
     assert np.all(s2_in[..., 0] == 0.0) and np.any(s2_in[..., 1] != 0.0)  # residual keeps ch 1
     assert float(c["masked_macs"]) < float(c["dense_macs"])
+
+
+@pytest.mark.parametrize("name, hand", [("resnet20", 40_551_040), ("resnet56", 125_485_696),
+                                        ("vgg16", 313_201_664)])  # fmt: skip
+def test_conventional_macs_equal_hand_counts(name, hand):
+    # the literature's convention (thop / fvcore): every tap incl. zero padding, convs + dense.
+    # ResNet-20 by hand: stem 1024*9*3*16 + 6 * 1024*9*16*16 + 256*9*16*32 + 5 * 256*9*32*32
+    # + 64*9*32*64 + 5 * 64*9*64*64 + 64*10 = 40,551,040 (the 40.55M of the papers)
+    trace = _trace_or_skip()
+    from sculpt_jax.models import get_model
+
+    model = get_model(name)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+    graph = trace.trace_model(model.apply, variables, jax.ShapeDtypeStruct((1, 32, 32, 3),
+                                                                          jnp.float32))  # fmt: skip
+    assert flops.conventional_macs(graph) == hand
+    c = flops.count_exact(graph, None)
+    assert c["dense_conventional_macs"] == c["masked_conventional_macs"] == hand
+    assert c["dense_macs"] < hand  # the exact count skips the taps in the padding
+    if name != "resnet20":
+        return
+    masks = masking.ones_masks(variables)
+    stem = graph.layers[0].kernel_path[1:]
+    masks[stem[0]][stem[1]] = masks[stem[0]][stem[1]].at[0, 0].set(0.0)  # tap (0, 0), every filter
+    c = flops.count_exact(graph, masks)
+    assert c["masked_conventional_macs"] == hand - 1024 * 3 * 16  # conventional: every position
+    assert c["masked_macs"] == c["dense_macs"] - 31 * 31 * 3 * 16  # exact: in-bounds positions
