@@ -1,7 +1,8 @@
 """The command line (layer 6): `python -m sculpt_jax COMMAND [flags]`.
 
 Commands:
-  info      model summary: params, exact dense FLOPs, traced layers, graph size (`--json`).
+  info      model summary: params, exact dense FLOPs, traced layers, graph size (`--json`);
+            `info --list` names the zoo; `--model package.module:Class` takes a user Linen module.
   pretrain  train a dense model (checkpointed, resumable).
   prune     search pruning patterns (PPO = AutoSculpt, or a baseline / AutoCompress) on a pretrained model.
   finetune  fine-tune searched candidates with the pruned weights held at exactly zero.
@@ -10,8 +11,9 @@ Commands:
 Every command but `info` takes `--config FILE[:variant]` (default: `sculpt_jax.config`'s defaults),
 dotted overrides `--config.search.target_flops=0.4`, and shortcuts for the common fields
 (`--model`, `--dataset`, `--data-dir`, `--workdir`, `--seed`, `--target-flops`, `--method`,
-`--head`, `--tolerance`, `--checkpoint`, `--policy-from`). This is the only module that reads
-flags.
+`--head`, `--tolerance`, `--checkpoint`, `--policy-from`). Each command writes its config to
+`<workdir>/config.json`; a later command naming that workdir without `--config` starts from it.
+This is the only module that reads flags.
 """
 
 from __future__ import annotations
