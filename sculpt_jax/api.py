@@ -321,6 +321,7 @@ def prune(
     top_k: int = 3,
     progress: bool = False,
     overrides: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> PruneResult:
     """Searches pruning patterns for a (pretrained) model: AutoSculpt's GNN policy by default.
 
@@ -339,6 +340,7 @@ def prune(
       tolerance, library, top_k: `sculpt_jax.config` search fields.
       progress: progress bars.
       overrides: any other config field, dotted (``{"search.heldout_size": 0}``).
+      overwrite: discard a `workdir` search of other settings (else it is refused).
     Returns:
       a `PruneResult`. Raises ValueError (naming the argument) before any evaluation on bad input:
       an unreachable target, a model the tracer cannot prune, data that do not fit the model.
@@ -359,7 +361,7 @@ def prune(
                             overrides=dict(overrides or {}))  # fmt: skip
         s = pipeline.Setup(cfg, _splits(train, val, n_cls), None, apply_fn, variables,
                            tuple(train[0].shape[1:]), n_cls, train[0].dtype)  # fmt: skip
-        out = pipeline.prune(cfg, s=s, variables=variables)
+        out = pipeline.prune(cfg, s=s, variables=variables, overwrite=overwrite)
     ss, summary = out["search_setup"], out["summary"]
     if not out["best"]:
         raise pipeline.PipelineError("the search kept no candidate on budget; raise budget or "
@@ -393,6 +395,7 @@ def finetune(
     seed: int = 0,
     workdir: str | os.PathLike | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> FinetuneResult:
     """Fine-tunes one candidate of `result` with its masks held: pruned weights stay exactly zero.
 
@@ -407,6 +410,7 @@ def finetune(
       seed: shuffling and step keys.
       workdir: checkpoint every epoch and resume here (None: a temporary folder).
       progress: progress bars.
+      overwrite: discard a `workdir` run of other settings (else it is refused).
     """
     if not 0 <= candidate < len(result.candidates):
         raise ValueError(f"candidate={candidate}: the result has {len(result.candidates)}")
@@ -422,6 +426,7 @@ def finetune(
                                      "val": _as_arrays(val_data, "val_data")},
             epochs=pick(epochs, f.epochs), batch_size=pick(batch_size, f.batch_size), workdir=wd,
             seed=seed, masks=masks, optimizer=opt, augment_fn=augment_fn, progress=progress,
+            overwrite=overwrite,
             config_extra={"digest": _digest(start, masks), "candidate": candidate},
         )  # fmt: skip
     final = res.variables

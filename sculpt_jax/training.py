@@ -789,7 +789,7 @@ def fit(
                 raise ValueError(
                     f"workdir {workdir!r} holds a checkpoint of a different run (model/config "
                     f"differs: {_config_diff(meta0.get('config', {}), summary) or 'fingerprint'}); "
-                    "use a new --workdir or pass --overwrite to discard it."
+                    "use a new --workdir or pass --overwrite (Python: overwrite=True) to discard it."
                 )
             target = {
                 "train_state": state,
@@ -802,7 +802,7 @@ def fit(
                 if meta.get("fingerprint") != fingerprint:
                     raise ValueError(
                         f"workdir {workdir!r}: checkpoint step {step} belongs to a different run; "
-                        "use a new --workdir or pass --overwrite to discard it."
+                        "use a new --workdir or pass --overwrite (Python: overwrite=True) to discard it."
                     )
                 state, best = tree["train_state"], tree["best"]
                 train_key = jax.random.wrap_key_data(tree["rng"])

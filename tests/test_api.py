@@ -104,6 +104,13 @@ def test_readme_python_api_example_on_a_user_linen_cnn(digits, tmp_path, monkeyp
                              target_flops=0.5, method="ppo", budget=128, workdir="runs/mynet")
     for a, b in zip(jax.tree.leaves(again.masks), jax.tree.leaves(result.masks), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # other settings in the same workdir are refused, or replace it with overwrite=True
+    with pytest.raises(ValueError, match="overwrite=True"):
+        sculpt_jax.prune(model, variables, (x_train, y_train), (x_val, y_val), method="random",
+                         budget=16, workdir="runs/mynet")  # fmt: skip
+    fresh = sculpt_jax.prune(model, variables, (x_train, y_train), (x_val, y_val),
+                             method="random", budget=16, workdir="runs/mynet", overwrite=True)
+    assert fresh.summary["method"] == "random"
 
 
 def test_nnx_cnn_with_batchnorm_and_dropout(digits):

@@ -227,7 +227,7 @@ def run_search(
             checkpointer.close()
             raise ValueError(
                 f"{workdir} holds a search with other settings (method, seeds, sizes or model); "
-                "use another --workdir or pass --overwrite to discard it"
+                "use another --workdir or pass --overwrite (Python: overwrite=True) to discard it"
             )
         restored = checkpointer.restore_latest_valid(target=state)
         if restored is not None:
