@@ -240,6 +240,7 @@ def test_log_scalars_writes_tensorboard_events_and_is_optional(tmp_path, monkeyp
     for step, acc in ((1, 0.5), (2, 0.75)):
         assert ck.log_scalars(tmp_path / "tb", {"val_accuracy": acc, "epoch": step, "name": "x",
                                                 "nan": float("nan"), "flag": True}, step)
+    ck._close_writers()  # tensorboardX writes from a thread: close it before reading the file
     events = _read_events(tmp_path / "tb")
     assert events["val_accuracy"] == [(1, 0.5), (2, 0.75)]
     assert set(events) == {"val_accuracy", "epoch"}  # strings, NaN and bools are not scalars
