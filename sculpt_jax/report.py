@@ -760,6 +760,18 @@ def _reward_set_text(summary: Mapping, cfg_d: Mapping) -> str:
     return text + (f"; the top candidates re-scored on {held} others" if held else "")
 
 
+def _conventional_text(row: Mapping) -> str:
+    """The literature's MACs of the row (thop / fvcore convention), when recorded."""
+    dense, masked = _num(row.get("dense_conventional_macs")), _num(row.get("masked_conventional_macs"))
+    if dense is None or masked is None:
+        return ""
+    red = _num(row.get("conventional_macs_reduction"))
+    return (f" For comparison with papers and thop / fvcore / Torch-Pruning, which count every "
+            f"kernel tap including those on zero padding (convs and dense layers only): "
+            f"{dense / 1e6:.2f}M MACs dense, {masked / 1e6:.2f}M pruned"
+            + (f" ({red * 100:.1f}% fewer)." if red is not None else "."))  # fmt: skip
+
+
 def _honest_note(row: Mapping, summary: Mapping, cfg_d: Mapping) -> list[str]:
     zero = row.get("pruned_weights_exactly_zero")
     kind = summary.get("flops_kind", _get(cfg_d, "search.flops_kind", "true"))
@@ -773,7 +785,8 @@ def _honest_note(row: Mapping, summary: Mapping, cfg_d: Mapping) -> list[str]:
         "pruned kernel fraction as removed channels of that layer and of the next one (e.g. "
         "0.555 for ResNet-56 with every 3x3 filter at a 1/3 pattern, where the true 3x3 MAC "
         "reduction is 1/3). "
-        f"The search's budget (tolerance or band) used the `{kind}` measure.",
+        f"The search's budget (tolerance or band) used the `{kind}` measure."
+        + _conventional_text(row),
         "- **Selection used validation data only**: the search reward (a reward set carved from "
         "the training data), the choice among the kept candidates and the best fine-tune epoch. "
         "The **test split was evaluated once** on the final pruned model (and once on the dense "

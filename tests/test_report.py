@@ -239,6 +239,12 @@ def test_write_run_report_writes_tables_and_pngs(tmp_path):
     assert "exact counts" in md and "ref. formula" in md
     assert "test split was evaluated once" in md
     assert "pruned_weights_exactly_zero = True" in md
+    conv = dict(ROW, dense_conventional_macs=40_551_040, masked_conventional_macs=20_000_000,
+                conventional_macs_reduction=0.5068)  # fmt: skip
+    report.write_run_report(str(wd / "report2"), conv, SEARCHED, cfg)
+    md2 = (wd / "report2" / "report.md").read_text()
+    assert "40.55M MACs dense, 20.00M pruned (50.7% fewer)" in md2 and "thop" in md2
+    assert "thop" not in md  # not recorded in ROW: no line
     assert '"target_flops": 0.5' in md  # the config is embedded
     assert "| 0 | 65.00% | 62.00% | 50.00% | 71.00% | 44.00% | 0 |" in md  # the kept candidate
     results = json.loads((rep / "results.json").read_text())
