@@ -18,7 +18,12 @@ Conventions (exact counts per example):
   zeroes the affine entries of the others, so their output channel is exactly zero). An input
   feature of a layer is alive when ANY of its `sources` feeds it from an alive channel: producer -1
   (model input, channel-mixing ops) is always alive where it feeds; a channels entry -1 means "not
-  fed by this producer". Residual adds therefore keep a stream channel alive while any addend is
+  fed by this producer". So is every channel of a producer in `Layer.nonzero_dead_sources`: its
+  removed filters reach the layer as constants (an op with f(0) != 0 on the way, e.g. sigmoid or
+  ``relu(x) + 1``), which the masked model multiplies as any other input and compaction keeps as
+  inputs. Gating products (``x * sigmoid(...)``, attention) count the union of their factors'
+  alive channels, as compaction keeps them: an upper bound where a factor's dead channel zeroes
+  the product. Residual adds therefore keep a stream channel alive while any addend is
   alive. A layer with no sources is treated as fed entirely by always-alive inputs.
 * FLOPs = 2 * MACs + `LayerGraph.other_flops` (non-prunable ops, constant under pruning).
 * Params: kernel entries with mask != 0, plus the affine entries (bias, BN scale/bias) of alive
@@ -92,8 +97,8 @@ def _alive_in(layer: Layer, filter_alive: Sequence[Any]):
     for src in layer.sources:
         ch = np.asarray(src.channels, np.int64)
         fed = ch >= 0
-        if src.producer == ALWAYS_ALIVE:
-            a = jnp.asarray(fed)
+        if src.producer == ALWAYS_ALIVE or src.producer in layer.nonzero_dead_sources:
+            a = jnp.asarray(fed)  # its removed channels arrive nonzero (f(0) != 0 on the way)
         else:
             prod = filter_alive[src.producer]
             if fed.all() and len(ch) == prod.shape[0] and np.array_equal(ch, np.arange(len(ch))):

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from layer_factory import conv_layer, dense_layer  # tests/ helper
 
-from sculpt_jax import flops, masking, patterns
+from sculpt_jax import compaction, flops, masking, patterns, trace
 from sculpt_jax.tree_util import map_with_path
 from sculpt_jax.types import InputSource, Layer, LayerGraph
 
@@ -443,3 +444,74 @@ def test_conventional_macs_equal_hand_counts(name, hand):
     c = flops.count_exact(graph, masks)
     assert c["masked_conventional_macs"] == hand - 1024 * 3 * 16  # conventional: every position
     assert c["masked_macs"] == c["dense_macs"] - 31 * 31 * 3 * 16  # exact: in-bounds positions
+
+
+class _Act(nn.Module):
+    """conv -> act -> conv -> mean -> dense: a removed conv1 filter reaches conv2 as act(0)."""
+
+    act: str
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        act = {"sigmoid": nn.sigmoid, "relu_plus_1": lambda z: nn.relu(z) + 1.0, "relu": nn.relu}
+        x = act[self.act](nn.Conv(6, (3, 3))(x))
+        x = nn.relu(nn.Conv(6, (3, 3))(x))
+        return nn.Dense(3)(jnp.mean(x, (1, 2)))
+
+
+class _SqueezeExcite(nn.Module):
+    """Squeeze-excite gating: a product of the conv stream and sigmoid(dense(mean(stream)))."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Conv(8, (3, 3), use_bias=False)(x)
+        x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+        s = nn.sigmoid(nn.Dense(8)(nn.relu(nn.Dense(4)(jnp.mean(x, (1, 2))))))
+        x = nn.relu(nn.Conv(6, (3, 3))(x * s[:, None, None, :]))
+        return nn.Dense(3)(jnp.mean(x, (1, 2)))
+
+
+class _Attention(nn.Module):
+    """One attention block on the 36 pixels as tokens: q k^T and the weighted sum are products."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        t = nn.Dense(8)(x.reshape(x.shape[0], -1, x.shape[-1]))
+        q, k, v = nn.Dense(8)(t), nn.Dense(8)(t), nn.Dense(8)(t)
+        w = jax.nn.softmax(jnp.einsum("btd,bsd->bts", q, k) / np.sqrt(8.0), -1)
+        o = nn.Dense(8)(jnp.einsum("bts,bsd->btd", w, v))
+        return nn.Dense(3)(jnp.mean(o + t, 1))
+
+
+@pytest.mark.parametrize(
+    "model, nonzero",
+    [(_Act("sigmoid"), True), (_Act("relu_plus_1"), True), (_Act("relu"), False),
+     (_SqueezeExcite(), True), (_Attention(), False)],
+    ids=["sigmoid", "relu_plus_1", "relu", "squeeze_excite", "attention"],
+)  # fmt: skip
+def test_count_and_compaction_agree_where_removed_channels_are_not_zero(model, nonzero):
+    # The exact count's alive inputs of every layer are the inputs compaction keeps (and so the
+    # MACs it performs), on models whose removed channels reach the next layer as sigmoid(0) = 0.5
+    # or relu(0) + 1 = 1, or feed a product (gating, attention). Before, the count dropped the
+    # MACs on sigmoid(0) inputs that the masked and the compact model both perform.
+    x = jax.random.normal(jax.random.key(2), (2, 6, 6, 3))
+    v = model.init(jax.random.key(0), x)
+    graph = trace.trace_model(model.apply, v, x)
+    assert any(ly.nonzero_dead_sources for ly in graph.layers) == nonzero
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        ids = {i: jnp.asarray(rng.integers(0, 6, ly.out_features), jnp.int32)
+               for i, ly in enumerate(graph.layers)}  # fmt: skip
+        masks = masking.pattern_ids_to_masks(graph, v, ids)
+        fn, cv, info = compaction.compact(model.apply, v, graph, masks, x)
+        ref = model.apply(masking.apply_masks(v, masks), x, train=False)
+        np.testing.assert_allclose(np.asarray(fn(cv, x)), np.asarray(ref), atol=1e-5, rtol=0)
+        _, input_alive = flops.alive_features(graph, masks)
+        kept = {d["index"]: d["in_after"] for d in info["layers"]}
+        assert kept == {i: int(np.sum(a)) for i, a in enumerate(input_alive)}, seed
+        assert info["params"] == (
+            info["masked_params"] - info["dropped_kernel_entries"] - info["dropped_affine_entries"]
+        )
+        assert not bool(np.all(ids[0] > 0))  # some conv1 filter is removed (pattern 0)
+        if nonzero and isinstance(model, _Act):  # conv2 reads all conv1 channels, removed ones too
+            assert kept[1] == 6

@@ -13,8 +13,9 @@ AutoCompress (arXiv 1907.03141, AAAI 2020; REFERENCE.md section 7), per round r 
 
 Purification rule (output-preserving by construction, checked in tests):
   (a) kernel entries that read a DEAD input feature (`flops.alive_features`: fed by no alive
-      channel, and exactly zero in the masked forward: no op with f(0) != 0 such as a sigmoid or
-      ``relu(x) + 1`` on the way, `Layer.nonzero_dead_sources`) are removed -- except when that would
+      channel and exactly zero in the masked forward; a removed channel that reaches the layer
+      through an op with f(0) != 0, such as a sigmoid or ``relu(x) + 1``, counts as alive there,
+      `Layer.nonzero_dead_sources`) are removed -- except when that would
       empty a filter that has affine entries (an all-zero kernel still outputs BN's bias, so such
       a filter is left as it is);
   (b) a filter whose output channel no consumer reads (every consumer's kernel entries on every
@@ -129,16 +130,6 @@ def _alive_matrix(layer, alive_in, i, f):
     return jnp.repeat(alive_in.reshape(g, i).T, f // g, axis=1)  # [I, F]
 
 
-def _nonzero_dead(layer) -> np.ndarray:
-    """bool [in_features]: features fed by a producer whose removed channels are not zero here
-    (`Layer.nonzero_dead_sources`), so a kernel entry reading them is never redundant."""
-    out = np.zeros(layer.in_features, bool)
-    for src in layer.sources:
-        if src.producer in layer.nonzero_dead_sources:
-            out |= np.asarray(src.channels) >= 0
-    return out
-
-
 def _purify_pass(graph: LayerGraph, masks: Any) -> Any:
     canon = [
         pat.kernel_to_canonical(jnp.asarray(get_at(masks, pat.resolve_path(masks, ly.kernel_path)),
@@ -147,7 +138,6 @@ def _purify_pass(graph: LayerGraph, masks: Any) -> Any:
     ]  # fmt: skip
     old_alive = [jnp.any(c != 0, axis=(0, 1)) for c in canon]
     _, input_alive = flops_lib.alive_features(graph, masks)
-    input_alive = [a | _nonzero_dead(ly) for ly, a in zip(graph.layers, input_alive, strict=True)]
     new = []
     for layer, c, a_in, alive in zip(graph.layers, canon, input_alive, old_alive, strict=True):
         _, i, f = c.shape
