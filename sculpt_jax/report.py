@@ -180,7 +180,9 @@ def format_row_table(rows: Sequence[Mapping]) -> str:
     Columns: model, dataset, method, dense acc. (dense test top-1, %), pruned acc. (pruned +
     fine-tuned test top-1, %), delta (percentage points), FLOPs red. (true) (exact count of the
     masked model), FLOPs red. (ref. formula) (the reference code's channel formula,
-    `flops.reference_flops_reduction`), params red., search time; then the `LATENCY_COLUMNS` any
+    `flops.reference_flops_reduction`), MACs red. (conventional) (only when a row has
+    ``conventional_macs_reduction``: every kernel tap including zero padding, convs and dense layers,
+    as thop / fvcore / Torch-Pruning count), params red., search time; then the `LATENCY_COLUMNS` any
     row has, and ``seeds`` when a row aggregates several (``n_seeds``). Optional columns appear only when a row
     has the key: ``config`` (first) and ``seed`` (after method). A value with a ``<key>_std``
     beside it prints as ``mean ± std``; delta is pruned minus dense test accuracy (or the row's
@@ -196,6 +198,7 @@ def format_row_table(rows: Sequence[Mapping]) -> str:
     show_seeds = any((_num(r.get("n_seeds")) or 1) > 1 for r in rows)
     show_config = any("config" in r for r in rows)
     show_seed = any(_num(r.get("seed")) is not None for r in rows)
+    show_conv = any(_num(r.get("conventional_macs_reduction")) is not None for r in rows)
     header = [
         *(["config"] if show_config else []),
         "model",
@@ -207,6 +210,7 @@ def format_row_table(rows: Sequence[Mapping]) -> str:
         "delta",
         "FLOPs red. (true)",
         "FLOPs red. (ref. formula)",
+        *(["MACs red. (conventional)"] if show_conv else []),
         "params red.",
         "search time",
         *(LATENCY_COLUMNS[k] for k in latency),
@@ -234,6 +238,7 @@ def format_row_table(rows: Sequence[Mapping]) -> str:
             else (f"{d * 100:+.2f}" + ("" if d_std is None else f" ± {d_std * 100:.2f}") + " pp"),
             val(r, "flops_reduction", digits=1),
             val(r, "reference_formula_flops_reduction", digits=1),
+            *([val(r, "conventional_macs_reduction", digits=1)] if show_conv else []),
             val(r, "params_reduction", digits=1),
             _seconds(_num(r.get("search_seconds")), _num(r.get("search_seconds_std"))),
         ]

@@ -94,6 +94,14 @@ def test_format_row_table_mean_std_missing_and_optional_columns():
     )
 
 
+def test_format_row_table_conventional_macs_column_only_when_recorded():
+    lines = report.format_row_table([dict(ROW, conventional_macs_reduction=0.4876), ROW]).split("\n")
+    assert "| FLOPs red. (ref. formula) | MACs red. (conventional) | params red. |" in lines[0]
+    assert "| 50.1% | 73.2% | 48.8% | 45.7% |" in lines[2]
+    assert "| 50.1% | 73.2% | n/a | 45.7% |" in lines[3]
+    assert "conventional" not in report.format_row_table([ROW])
+
+
 def test_format_row_table_seed_column_and_hours():
     line = report.format_row_table([dict(ROW, seed=2, search_seconds=9000.0)]).split("\n")
     assert "| method | seed | dense acc." in line[0]
