@@ -192,10 +192,23 @@ def as_apply_fn(model_or_apply_fn: Any, variables: Any) -> tuple[Callable, Any, 
     return model_or_apply_fn, variables, None
 
 
+def _is_xy_pair(data: Any) -> bool:
+    """True for ``(images, labels)``: an array first, or labels (a sequence of scalars) second.
+
+    A list of two batches (``[(x, y), (x, y)]``) is not a pair: its second entry's first element
+    is an array of images, not a scalar label."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        return False
+    if hasattr(data[0], "shape"):
+        return True
+    second = data[1]
+    return (isinstance(second, (tuple, list)) or hasattr(second, "shape")) and len(second) > 0 \
+        and not isinstance(second[0], (tuple, list, Mapping)) and np.ndim(second[0]) == 0
+
+
 def _as_arrays(data: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
     """``(images [N, ...], labels int32 [N])`` of arrays, a dict or an iterable of batches."""
-    if isinstance(data, Mapping) or (isinstance(data, (tuple, list)) and len(data) == 2
-                                     and hasattr(data[0], "shape")):  # fmt: skip
+    if isinstance(data, Mapping) or _is_xy_pair(data):
         images, labels = ft._split_xy(data, name)
     elif isinstance(data, Iterable):
         parts = [_as_arrays(b, name) for b in data]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 
 import ml_collections
@@ -163,8 +164,6 @@ def _merge(node: ml_collections.ConfigDict, saved: dict) -> None:
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict | None:
     """The config saved in ``<workdir>/config.json`` by the last command run there (over the
     defaults, so fields added since keep their defaults), or None when there is none."""
-    import json
-
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
         return None

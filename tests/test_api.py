@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 
 import sculpt_jax
+from sculpt_jax import api, masking
 from sculpt_jax import data as data_lib
-from sculpt_jax import masking
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -195,3 +195,15 @@ def test_nnx_module_with_variables_is_refused_and_api_names_survive_submodule_im
         sculpt_jax.prune(NnxNet(nnx.Rngs(0)), {"params": {}}, (x_train, y_train), (x_val, y_val))
     with pytest.raises(ValueError, match="module\\(\\) is for NNX models"):
         sculpt_jax.PruneResult(None, None, {}, [], [], {}, None, None, None, np.zeros(1)).module()
+
+
+def test_data_given_as_python_lists_is_one_pair_not_a_list_of_batches():
+    # (list of images, list of labels) was read as an iterable of batches and failed on one image
+    x = np.random.default_rng(0).random((6, 4, 4, 1)).astype(np.float32)
+    y = [0, 1, 2, 0, 1, 2]
+    for data in [(list(x), y), [list(x), np.asarray(y)], (x, y), [(x[:3], y[:3]), (x[3:], y[3:])]]:
+        images, labels = api._as_arrays(data, "train_data")
+        np.testing.assert_array_equal(images, x)
+        np.testing.assert_array_equal(labels, y)
+    with pytest.raises(ValueError, match="6 images but 5 labels"):
+        api._as_arrays((list(x), y[:5]), "train_data")
