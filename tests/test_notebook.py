@@ -2,7 +2,9 @@
 ipykernel of this interpreter on CPU, in the checkout (the notebook's clone/install step is skipped
 through SCULPT_NOTEBOOK_CI), with a tiny smoke run in a temporary workdir. Checks that the kernel
 itself never imported JAX (the job is a child process, so a TPU stays free for it), that the job's
-devices line, the result table and the plots were shown."""
+devices line, the result table and the plots were shown. The install and report cells are also run
+on their own: which pins the install step picks, and the devices line read from results.json (when
+it records them) or from the job's log."""
 
 from __future__ import annotations
 
@@ -109,3 +111,28 @@ def test_install_cell_installs_only_missing_pins_never_jax(tmp_path):
     lines = (ROOT / "requirements.txt").read_text().splitlines()
     cut = next(i for i, line in enumerate(lines) if line.startswith("# ----"))
     assert {"nbclient", "ipykernel", "pytest", "ruff"} <= {x.split("==")[0] for x in lines[cut:]}
+
+
+@pytest.mark.parametrize(
+    "row, log, expected",
+    [
+        ({}, "INFO sculpt_jax: devices: 8 x TPU v3 (backend tpu, jax 0.9)\n",
+         "devices used by the job: 8 x TPU v3 (backend tpu)"),
+        ({"device_kind": "NVIDIA H200", "device_count": 1}, "",  # results.json that records them
+         "devices used by the job: 1 x NVIDIA H200\n"),
+        ({}, "", "devices used by the job: not recorded"),
+    ],
+)  # fmt: skip
+def test_report_cell_reads_devices_from_results_or_the_job_log(row, log, expected, tmp_path,
+                                                               capsys):  # fmt: skip
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "results.json").write_text(json.dumps({"row": row, "plots": {}}))
+    (report / "report.md").write_text("# title\n\n| model |\n|---|\n| m |\n\n## more\n")
+    (tmp_path / "job.log").write_text(log)
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    cell = next(c for c in nb.cells if c.get("id") == "report")
+    ns = {"os": os, "re": __import__("re"), "WORKDIR": str(tmp_path), "IN_COLAB": False,
+          "JOB_LOG": str(tmp_path / "job.log")}  # fmt: skip
+    exec(cell.source, ns)  # noqa: S102 - the notebook's own cell
+    assert expected in capsys.readouterr().out
