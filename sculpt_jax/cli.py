@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             "finetune": pipeline.finetune,
             "run": pipeline.run,
         }[args.command]
+        _log_devices()
         pipeline.save_config(cfg)
         fn(cfg, overwrite=args.overwrite)
         return 0
@@ -179,6 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2
+
+
+def _log_devices() -> None:
+    """Logs the devices this process runs on, e.g. ``devices: 8 x TPU v3 (backend tpu, jax ...)``:
+    a job that silently fell back to CPU says so (the Colab notebook prints this line)."""
+    import jax
+
+    devices = jax.devices()
+    logging.getLogger("sculpt_jax").info(
+        "devices: %d x %s (backend %s, jax %s)",
+        len(devices), devices[0].device_kind, jax.default_backend(), jax.__version__,
+    )  # fmt: skip
 
 
 def _list_models(args) -> int:
