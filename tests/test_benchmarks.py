@@ -1,0 +1,37 @@
+"""The benchmark scripts that a test can run in a reduced form keep running (they are what an
+accelerator session executes in its few minutes: a broken one wastes the device)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_accelerator_check_runs_reduced_and_writes_json_and_markdown(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(sys, "argv", ["accelerator.py"])
+    import accelerator
+
+    out_json, out_md = tmp_path / "acc.json", tmp_path / "acc.md"
+    report = accelerator.main(["--reduced", "--repeats", "1", "--json", str(out_json),
+                               "--md", str(out_md)])  # fmt: skip
+    saved = json.loads(out_json.read_text())
+    assert saved["reduced"] is True and saved["device_count"] == len(__import__("jax").devices())
+    sections = saved["sections"]
+    assert list(sections) == list(report["sections"]) == [
+        "candidate evaluations", "train step", "top-K fine-tuning", "compacted latency",
+        "input pipeline"]  # fmt: skip
+    evals = sections["candidate evaluations"]
+    assert {(r["n"], r["mode"]) for r in evals} == {(1, "map"), (4, "map"), (1, "vmap"), (4, "vmap")}
+    assert all(r["evals_per_s"] > 0 for r in evals)
+    train = sections["train step"][0]
+    assert train["dense_train_ips"] > 0 and train["masked_train_ips"] > 0
+    assert sections["top-K fine-tuning"]["one_program_over_sequential"] > 0
+    lat = sections["compacted latency"]
+    assert {r["batch"] for r in lat} == {1, 16} and all(0 < r["flops_ratio"] < 1 for r in lat)
+    assert {r["pipeline"] for r in sections["input pipeline"]} == {"cifar", "imagenet"}
+    md = out_md.read_text()
+    assert "### top-K fine-tuning" in md and "| pipeline | stored | size | batch | img_per_s |" in md
