@@ -1,6 +1,9 @@
-"""Data-parallel steps over a 4-device CPU mesh equal single-device steps (DESIGN.md principle 7).
+"""Every stage over a 4-device CPU mesh equals one device (DESIGN.md principle 7): data-parallel
+train/eval steps and masked fit, the search with its candidates split over the devices (resumed
+from its checkpoint), and the smoke main job (same masks and accuracies, results.json says 4
+devices); a batch the devices cannot split is one clear error before any work.
 
-JAX fixes its device count when it starts, so the check runs in a subprocess started with
+JAX fixes its device count when it starts, so each check runs in a subprocess started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4``.
 """
 
@@ -106,16 +109,7 @@ CHILD = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def child_result():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_child(CHILD, timeout=300)
 
 
 def test_sharded_steps_equal_single_device(child_result):
@@ -310,10 +304,11 @@ MAIN_CHILD = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def main_job_result():
+def main_job_result():  # two smoke main jobs (1 and 4 devices) in one child: ~100 s CPU
     return _run_child(MAIN_CHILD)
 
 
+@pytest.mark.slow
 def test_main_job_on_4_devices_equals_1_device(main_job_result):
     one, four = main_job_result["one"], main_job_result["four"]
     assert one["row"]["device_count"] == 1 and four["row"]["device_count"] == 4
@@ -327,6 +322,7 @@ def test_main_job_on_4_devices_equals_1_device(main_job_result):
         assert four["row"][k] == pytest.approx(one["row"][k], abs=1e-6), k
 
 
+@pytest.mark.slow
 def test_indivisible_batch_fails_before_work_and_keeps_the_workdir(main_job_result):
     bad = main_job_result["bad"]
     assert bad["rc"] == [2, 2], bad
@@ -334,3 +330,19 @@ def test_indivisible_batch_fails_before_work_and_keeps_the_workdir(main_job_resu
     assert "set --config.finetune.batch_size=28" in bad["err"]
     assert "devices=5 but this machine has 4" in bad["err"]
     assert bad["kept"], "a refused run must not overwrite the workdir's config.json"
+
+
+def test_device_count_and_batch_checks_in_process():
+    from sculpt_jax import config as config_lib
+    from sculpt_jax import pipeline
+
+    have = jax.device_count()
+    assert pipeline.device_count(0) == have and pipeline.device_count(1) == 1
+    with pytest.raises(ValueError, match=f"devices={have + 1} but this machine has {have}"):
+        pipeline.device_count(have + 1)
+    assert pipeline.mesh_of(1) is None  # one device: the unsharded program, unchanged
+    with pytest.raises(ValueError, match=r"batch_size=64 is not divisible by the 3 devices.*=63"):
+        pipeline.check_batches(3, {"batch_size": 64})
+    cfg = config_lib.get_default_config()
+    cfg.devices = 1
+    assert pipeline.check_devices(cfg) == 1 and pipeline.make_mesh(cfg) is None
