@@ -373,7 +373,8 @@ def prune(
                             tolerance=tolerance, library=library, top_k=top_k, progress=progress,
                             overrides=dict(overrides or {}))  # fmt: skip
         s = pipeline.Setup(cfg, _splits(train, val, n_cls), None, apply_fn, variables,
-                           tuple(train[0].shape[1:]), n_cls, train[0].dtype)  # fmt: skip
+                           tuple(train[0].shape[1:]), n_cls, train[0].dtype,
+                           mesh=pipeline.make_mesh(cfg))  # fmt: skip
         out = pipeline.prune(cfg, s=s, variables=variables, overwrite=overwrite)
     ss, summary = out["search_setup"], out["summary"]
     if not out["best"]:
@@ -409,6 +410,7 @@ def finetune(
     workdir: str | os.PathLike | None = None,
     progress: bool = False,
     overwrite: bool = False,
+    devices: int = 0,
 ) -> FinetuneResult:
     """Fine-tunes one candidate of `result` with its masks held: pruned weights stay exactly zero.
 
@@ -424,6 +426,8 @@ def finetune(
       workdir: checkpoint every epoch and resume here (None: a temporary folder).
       progress: progress bars.
       overwrite: discard a `workdir` run of other settings (else it is refused).
+      devices: train data parallel over the first N local devices (0 = all; the batch size must
+        be a multiple of the count, else ValueError before any training).
     """
     if not 0 <= candidate < len(result.candidates):
         raise ValueError(f"candidate={candidate}: the result has {len(result.candidates)}")
@@ -432,13 +436,17 @@ def finetune(
     opt = dict(kind="sgd", lr=pick(lr, f.lr), momentum=pick(momentum, f.momentum),
                weight_decay=pick(weight_decay, f.weight_decay), schedule=pick(schedule, f.schedule))
     cand = result.candidates[candidate]
+    n_dev = pipeline.device_count(devices)
+    pipeline.check_batches(n_dev, {"batch_size": pick(batch_size, f.batch_size)})
+    mesh = pipeline.mesh_of(n_dev)
     masks, start = cand["masks"], cand.get("variables", result.variables)  # AutoCompress: ADMM's
     with _workdir(workdir) as wd:
         res = ft.fit(
             result.apply_fn, start, {"train": _as_arrays(train_data, "train_data"),
                                      "val": _as_arrays(val_data, "val_data")},
             epochs=pick(epochs, f.epochs), batch_size=pick(batch_size, f.batch_size), workdir=wd,
-            seed=seed, masks=masks, optimizer=opt, augment_fn=augment_fn, progress=progress,
+            seed=seed, masks=masks, optimizer=opt, augment_fn=augment_fn, mesh=mesh,
+            progress=progress,
             overwrite=overwrite,
             config_extra={"digest": _digest(start, masks), "candidate": candidate},
         )  # fmt: skip

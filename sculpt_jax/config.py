@@ -35,6 +35,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.workdir = "runs/default"
     c.progress = True  # progress bars
     c.tensorboard = True  # metrics also as TensorBoard event files (<stage>/tensorboard/; tensorboardX)
+    # Local devices the job uses, as one 1-D ("data",) mesh (pretrain and fine-tune: data parallel;
+    # search: each call's candidates split over them): 0 = all of jax.devices(), N = the first N.
+    # Batch sizes must be multiples of the count (checked before any work).
+    c.devices = 0
 
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.checkpoint = ""  # a pretrained workdir/checkpoint to start from instead of training

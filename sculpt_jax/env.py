@@ -38,6 +38,7 @@ from sculpt_jax import flops as flops_lib
 from sculpt_jax import graph as graph_lib
 from sculpt_jax import masking
 from sculpt_jax import patterns as pat
+from sculpt_jax import sharding as shd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +128,7 @@ class Env(NamedTuple):
     step: Callable
     masks_of: Callable
     evaluate_staged: Callable = None
+    mesh: Any = None  # the 1-D ("data",) mesh the candidates are split over, or None
 
 
 def _chunk(images: np.ndarray, labels: np.ndarray, batch: int):
@@ -142,6 +144,44 @@ def _chunk(images: np.ndarray, labels: np.ndarray, batch: int):
         labs.reshape(c, batch).astype(np.int32),
         w.reshape(c, batch),
     )
+
+
+def _run(mode: str) -> Callable:
+    """``run(fn, xs)``: `fn` over the leading axis of `xs`, by `lax.map` ("map") or `vmap`."""
+    if mode == "map":
+        return jax.lax.map
+    return lambda fn, xs: jax.vmap(fn)(xs)
+
+
+def candidate_runner(mode: str, mesh=None) -> Callable:
+    """``run(fn, xs)`` over K candidates (leading axis of the `xs` pytree), split over `mesh`.
+
+    Without a mesh (or on one device) it is `_run(mode)`. With D > 1 devices, `xs` is padded to a
+    multiple of D (copies of its first row, dropped from the output), and `jax.shard_map` gives
+    each device its K / D candidates, which it scores as one device would (`lax.map` or `vmap`);
+    `fn`'s closed-over arrays (params, reward set) are read whole on every device, so no device
+    talks to another and each candidate's numbers are those of the unsharded run. Sharding
+    propagation alone cannot split a `lax.map` (a sequential loop), and vmapping a device axis
+    would turn each candidate's masked convs into grouped convs (slow on XLA:CPU, ENVIRONMENT.md).
+    """
+    run = _run(mode)
+    if mesh is None or shd.n_devices(mesh) == 1:
+        return run
+    d = shd.n_devices(mesh)
+    spec = jax.sharding.PartitionSpec(shd.DATA_AXIS)
+
+    def sharded(fn, xs):
+        k = jax.tree.leaves(xs)[0].shape[0]
+        pad = -k % d
+        if pad:
+            xs = jax.tree.map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, 0)]), xs)
+        # check_vma off: the scans inside (reward chunks, BN recalibration) start their carries
+        # from replicated zeros; no collective is used, so the per-device values are exact.
+        out = jax.shard_map(lambda x: run(fn, x), mesh=mesh, in_specs=spec, out_specs=spec,
+                            check_vma=False)(xs)  # fmt: skip
+        return jax.tree.map(lambda a: a[:k], out) if pad else out
+
+    return sharded
 
 
 def probe_bn_momentum(apply_fn, variables, x) -> Any:
@@ -227,6 +267,7 @@ def make_env(
     calib_images: np.ndarray | None = None,
     config: EnvConfig | None = None,
     node_features: np.ndarray | None = None,
+    mesh: Any = None,
 ) -> Env:
     """Builds the pruning environment of one pretrained model (host-side, once).
 
@@ -241,6 +282,8 @@ def make_env(
       config: `EnvConfig`.
       node_features: optional float32 [n_nodes, k] appended to every observation's node features
         (e.g. `sensitivity_features`).
+      mesh: a 1-D ("data",) mesh (`sharding.make_mesh`): every call's K candidates are split over
+        its devices (`candidate_runner`; any K) and `consts` are replicated on it. None: one device.
     Returns: `Env`.
     """
     config = config or EnvConfig()
@@ -268,6 +311,8 @@ def make_env(
         "calib": None if recal is None else jnp.asarray(calib_images),
         "node_features": None if node_features is None else jnp.asarray(node_features, jnp.float32),
     }
+    if mesh is not None:
+        consts = shd.replicate(consts, mesh)
     if node_features is not None and np.shape(node_features)[:1] != (spec.n_nodes,):
         raise ValueError(f"node_features must be [n_nodes={spec.n_nodes}, k], got "
                          f"{np.shape(node_features)}")  # fmt: skip
@@ -282,6 +327,7 @@ def make_env(
             "batch, EnvConfig.eval_batch_size) or set it to 0"
         )
     mode = config.resolved_eval_mode
+    run = candidate_runner(mode, mesh)
     init_ids = jnp.asarray(graph_lib.initial_pattern_ids(spec))
 
     def masks_of(pattern_ids):
@@ -340,11 +386,10 @@ def make_env(
         k = pattern_ids.shape[0]
         gate = jnp.ones((k,), bool) if gate is None else jnp.asarray(gate, bool)
         if mode == "map":
-            return jax.lax.map(lambda a: evaluate_one(consts, *a), (pattern_ids, gate))
+            return run(lambda a: evaluate_one(consts, *a), (pattern_ids, gate))
         # vmap: lax.cond becomes a select, so every candidate runs the forward pass.
-        out = jax.vmap(lambda ids: dict(measure(ids)[1], accuracy=accuracy(consts, masks_of(ids))))(
-            pattern_ids
-        )
+        out = run(lambda ids: dict(measure(ids)[1], accuracy=accuracy(consts, masks_of(ids))),
+                  pattern_ids)  # fmt: skip
         out["accuracy"] = jnp.where(gate, out["accuracy"], jnp.nan)
         out["evaluated"] = gate
         return out
@@ -370,7 +415,6 @@ def make_env(
             v = candidate_variables(consts, masks_of(ids), stats)
             return count_correct(consts, v, n_first, n_chunks)
 
-        run = jax.lax.map if mode == "map" else jax.vmap
         info, stats = run(first, pattern_ids)
         n_keep = max(1, min(k, int(np.ceil(config.halving_keep * k))))
         _, top = jax.lax.top_k(info["correct"], n_keep)
@@ -410,4 +454,5 @@ def make_env(
         info = dict(info, in_band=band)
         return new, reward, done, info
 
-    return Env(spec, config, consts, reset, observe, evaluate, step, masks_of, evaluate_staged)
+    return Env(spec, config, consts, reset, observe, evaluate, step, masks_of, evaluate_staged,
+               mesh)

@@ -35,6 +35,7 @@ from sculpt_jax import env as env_lib
 from sculpt_jax import flops as flops_lib
 from sculpt_jax import graph as graph_lib
 from sculpt_jax import patterns as pat
+from sculpt_jax import sharding as shd
 from sculpt_jax import trace as trace_lib
 from sculpt_jax import training as ft
 from sculpt_jax.search import runner
@@ -80,6 +81,52 @@ class Setup:
     input_shape: tuple[int, ...]
     num_classes: int
     input_dtype: Any = np.uint8  # what apply_fn takes (the zoo: uint8, normalised inside)
+    mesh: Any = None  # `make_mesh(cfg)`: the 1-D ("data",) mesh of the job, None on one device
+
+
+def device_count(devices: int) -> int:
+    """Devices a job uses: `devices` (the config field ``devices``; 0 = all local ones).
+    ValueError naming the field when it asks for more than there are, or a negative number."""
+    want, have = int(devices), jax.device_count()
+    if want < 0 or want > have:
+        raise ValueError(
+            f"devices={want} but this machine has {have} {jax.devices()[0].platform} device(s); "
+            f"set --config.devices to 1..{have} (0 = all of them)"
+        )
+    return want or have
+
+
+def check_batches(n: int, sizes: dict) -> None:
+    """ValueError naming the field and the fix unless every batch size {field: size} divides
+    by the `n` devices a job shards its batches over."""
+    for key, bs in sizes.items():
+        if int(bs) % n:
+            raise ValueError(
+                f"{key}={bs} is not divisible by the {n} devices the job shards its batches over; "
+                f"set {key}={max(n, int(bs) // n * n)} (a multiple of {n}) or use fewer devices "
+                f"(devices=1, e.g. --config.devices=1)"
+            )
+
+
+def mesh_of(n: int):
+    """The 1-D ("data",) mesh over the first `n` local devices; None for one device, so that a
+    one-device run is exactly the unsharded program."""
+    return None if n == 1 else shd.make_mesh(jax.devices()[:n])
+
+
+def make_mesh(cfg):
+    """The job's mesh: `mesh_of(device_count(cfg.devices))`."""
+    return mesh_of(device_count(cfg.get("devices", 0)))
+
+
+def _eval_batch(s: Setup) -> int:
+    """Evaluation batch: 256, rounded down to a multiple of the mesh's device count."""
+    n = 1 if s.mesh is None else shd.n_devices(s.mesh)
+    return max(n, 256 // n * n)
+
+
+def _eval_step(s: Setup):
+    return ft.make_eval_step(s.apply_fn, mesh=s.mesh)
 
 
 def setup(cfg) -> Setup:
@@ -110,7 +157,7 @@ def setup(cfg) -> Setup:
             "models take any HxW >= 8; ImageNet models and ViTs need their input size"
         ) from e
     apply_fn = make_apply_fn(model, splits.mean, splits.std)
-    return Setup(cfg, splits, model, apply_fn, variables, shape, num_classes)
+    return Setup(cfg, splits, model, apply_fn, variables, shape, num_classes, mesh=make_mesh(cfg))
 
 
 def _abstract(tree):
@@ -219,7 +266,7 @@ def pretrain(cfg, *, overwrite: bool = False, s: Setup | None = None) -> dict:
     if cfg.pretrain.checkpoint:
         variables = _load_pretrained(os.path.abspath(cfg.pretrain.checkpoint),
                                      _abstract(s.init_variables))  # fmt: skip
-        ev = ft.evaluate(ft.make_eval_step(s.apply_fn), variables, *s.splits.val.arrays, 256)
+        ev = ft.evaluate(_eval_step(s), variables, *s.splits.val.arrays, _eval_batch(s))
         log.info("loaded pretrained variables (val accuracy %.4f)", ev["accuracy"])
         return {"variables": variables, "val_accuracy": ev["accuracy"], "test_accuracy": None,
                 "seconds": 0.0}  # fmt: skip
@@ -241,6 +288,7 @@ def pretrain(cfg, *, overwrite: bool = False, s: Setup | None = None) -> dict:
             schedule=p.schedule,
         ),  # fmt: skip
         augment_fn=data_lib.make_augment(s.splits.name, s.input_shape) if p.augment else None,
+        mesh=s.mesh,
         progress=cfg.progress,
         overwrite=overwrite,
         config_extra=_run_fingerprint(cfg),
@@ -349,7 +397,19 @@ def validate_config(cfg):
     if cfg.autocompress.scheme not in admm.SCHEMES:
         raise ValueError(f"autocompress.scheme={cfg.autocompress.scheme!r} is not one of "
                          f"{', '.join(admm.SCHEMES)}")  # fmt: skip
+    check_devices(cfg, batches=cfg.dataset != "user")  # `api.prune` trains nothing
     return cfg
+
+
+def check_devices(cfg, batches: bool = True) -> int:
+    """The device count of the job (`device_count`), after checking (`batches`) that every
+    sharded batch divides by it: before any work. The search's candidate counts need not divide
+    (they are padded); evaluation batches are rounded to a multiple (`_eval_batch`)."""
+    n = device_count(cfg.get("devices", 0))
+    if batches:
+        check_batches(n, {f"--config.{k}": cfg[k.split(".")[0]][k.split(".")[1]]
+                      for k in ("pretrain.batch_size", "finetune.batch_size")})  # fmt: skip
+    return n
 
 
 def check_search(cfg, s: Setup) -> None:
@@ -405,7 +465,7 @@ def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
     )  # fmt: skip
     make = lambda imgs, labs, feats=None: env_lib.make_env(
         s.apply_fn, variables, spec, imgs, labs, library=lib, calib_images=calib, config=env_cfg,
-        node_features=feats,
+        node_features=feats, mesh=s.mesh,
     )  # fmt: skip
     env = make(r_imgs, r_labs)
     n_sens = 0
@@ -557,7 +617,7 @@ def rescore(ss: SearchSetup, best: list[dict]) -> list[dict]:
         return best
     held = env_lib.make_env(ss.apply_fn, ss.env.consts["variables"], ss.spec, *ss.heldout,
                             library=ss.library, calib_images=ss.calib,
-                            config=ss.env.config)  # fmt: skip
+                            config=ss.env.config, mesh=ss.env.mesh)  # fmt: skip
     ids = jnp.asarray(np.stack([c["pattern_ids"] for c in best]))
     acc = np.asarray(jax.jit(held.evaluate)(held.consts, ids)["accuracy"])
     out = [dict(c, heldout_accuracy=float(a)) for c, a in zip(best, acc, strict=True)]
@@ -715,8 +775,8 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
             "(legacy heads: --config.search.band)"
         )
     f = cfg.finetune
-    eval_step = ft.make_eval_step(s.apply_fn)
-    results = []
+    eval_step = _eval_step(s)
+    results = []  # top-K fine-tuning: K sequential runs (TOPK_MODE)
     for k, cand in enumerate(best):
         masks = candidate_masks(ss, cand)
         start = cand.get("variables", variables)  # AutoCompress: the ADMM-trained weights
@@ -728,7 +788,7 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
             optimizer=dict(kind="sgd", lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
                            schedule=f.schedule),
             augment_fn=data_lib.make_augment(s.splits.name, s.input_shape) if f.augment else None,
-            progress=cfg.progress, overwrite=overwrite, tensorboard=cfg.tensorboard,
+            mesh=s.mesh, progress=cfg.progress, overwrite=overwrite, tensorboard=cfg.tensorboard,
             config_extra=dict(_run_fingerprint(cfg), candidate=k, method=cfg.search.method),
         )  # fmt: skip
         results.append((res, masks, cand))
@@ -738,7 +798,7 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
     zero_ok = masking.pruned_exactly_zero(final, masks)
     if not zero_ok:
         raise PipelineError("internal error: a pruned weight is nonzero after fine-tuning")
-    test = ft.evaluate(eval_step, final, *s.splits.test.arrays, 256)
+    test = ft.evaluate(eval_step, final, *s.splits.test.arrays, _eval_batch(s))
     exact = flops_lib.count_exact(ss.graph, masks)
     summary = {
         "model": cfg.model,
@@ -836,6 +896,20 @@ def epoch_seconds(workdir: str) -> float | None:
     return total if found else None
 
 
+# How the top-K candidates are fine-tuned: "sequential" (K `training.fit` runs, one after
+# another, each data parallel over the mesh) on every backend. A one-program vmap over K
+# (`training.make_topk_train_step`) vmaps masked convs into grouped convs, measured ~10x slower
+# than sequential forwards on XLA:CPU (ENVIRONMENT.md); it is not measured faster on any backend.
+TOPK_MODE = "sequential"
+
+
+def device_fields(s: Setup) -> dict:
+    """What results.json records of the devices: kind, count (int) and the top-K mode."""
+    n = 1 if s.mesh is None else shd.n_devices(s.mesh)
+    dev = jax.devices()[0] if s.mesh is None else s.mesh.devices.flat[0]
+    return {"device_kind": str(dev.device_kind), "device_count": int(n), "topk_mode": TOPK_MODE}
+
+
 def run(cfg, *, overwrite: bool = False) -> dict:
     """The main job: pretrain -> search -> fine-tune -> report, printing the final table."""
     t0 = time.perf_counter()
@@ -848,11 +922,12 @@ def run(cfg, *, overwrite: bool = False) -> dict:
     searched = prune(cfg, overwrite=overwrite, s=s, variables=pre["variables"])
     t_search = time.perf_counter() - t0 - t_pre
     fin = finetune(cfg, overwrite=overwrite, s=s, variables=pre["variables"], searched=searched)
-    dense_test = ft.evaluate(ft.make_eval_step(s.apply_fn), pre["variables"],
-                             *s.splits.test.arrays, 256)["accuracy"]  # fmt: skip
+    dense_test = ft.evaluate(_eval_step(s), pre["variables"], *s.splits.test.arrays,
+                             _eval_batch(s))["accuracy"]  # fmt: skip
     latency = {}
-    if cfg.report.latency:
-        latency = measure_latency(s, fin["variables"], fin["masks"], searched["search_setup"],
+    if cfg.report.latency:  # on one device: host copies of the (possibly replicated) arrays
+        latency = measure_latency(s, jax.device_get(fin["variables"]),
+                                  jax.device_get(fin["masks"]), searched["search_setup"],
                                   os.path.join(cfg.workdir, "export", "compact"),
                                   align=cfg.report.get("compact_align", 0))  # fmt: skip
     wd = os.path.abspath(cfg.workdir)
@@ -860,7 +935,7 @@ def run(cfg, *, overwrite: bool = False) -> dict:
                dense_test_accuracy=dense_test, search_seconds=t_search,
                pretrain_epoch_seconds=epoch_seconds(os.path.join(wd, "pretrain")),
                finetune_epoch_seconds=epoch_seconds(os.path.join(wd, "finetune")),
-               total_seconds=time.perf_counter() - t0)  # fmt: skip
+               total_seconds=time.perf_counter() - t0, **device_fields(s))  # fmt: skip
     from sculpt_jax import report
 
     report.write_run_report(os.path.join(cfg.workdir, "report"), row, searched, cfg)

@@ -852,9 +852,11 @@ def write_run_report(
         f"# sculpt-jax: {row.get('model', '?')} on {row.get('dataset', '?')} "
         f"({row.get('method', '?')})",
         "",
-        format_row_table([row]),
-        "",
     ]
+    if row.get("device_count") is not None:
+        md += [f"Devices: {row['device_count']} x {row.get('device_kind', '?')} (one 1-D data "
+               f"mesh; top-K fine-tuning: {row.get('topk_mode', '?')})", ""]  # fmt: skip
+    md += [format_row_table([row]), ""]
     md += ["## Exact counts", "", "| quantity | dense | pruned |", "|---|---|---|"]
     for q in ("flops", "params"):
         d, m = row.get(f"dense_{q}"), row.get(f"masked_{q}")

@@ -1,6 +1,9 @@
-"""Data-parallel steps over a 4-device CPU mesh equal single-device steps (DESIGN.md principle 7).
+"""Every stage over a 4-device CPU mesh equals one device (DESIGN.md principle 7): data-parallel
+train/eval steps and masked fit, the search with its candidates split over the devices (resumed
+from its checkpoint), and the smoke main job (same masks and accuracies, results.json says 4
+devices); a batch the devices cannot split is one clear error before any work.
 
-JAX fixes its device count when it starts, so the check runs in a subprocess started with
+JAX fixes its device count when it starts, so each check runs in a subprocess started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4``.
 """
 
@@ -106,16 +109,7 @@ CHILD = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def child_result():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (
-        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-    ).strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_child(CHILD, timeout=300)
 
 
 def test_sharded_steps_equal_single_device(child_result):
@@ -138,3 +132,217 @@ def test_single_device_mesh_in_process():
     assert out["image"].sharding == shd.data_sharding(mesh)
     with pytest.raises(ValueError, match="leading batch axis"):
         shd.check_batch({"x": 1.0}, mesh)
+
+
+SEARCH_CHILD = textwrap.dedent(
+    """
+    import json, sys, tempfile
+    sys.path.insert(0, "tests")
+    import jax, jax.numpy as jnp, numpy as np
+    from conftest import traced_model
+    from sculpt_jax import bandit, decode, sharding as shd, training as ft, masking
+    from sculpt_jax import env as env_lib, graph as graph_lib
+    from sculpt_jax.search import runner
+
+    assert jax.device_count() == 4
+    t = traced_model("resnet8_tiny", (8, 8, 1))
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(64, 8, 8, 1)).astype(np.float32)
+    labels = rng.integers(0, 10, 64).astype(np.int32)
+    calib = rng.normal(size=(1, 32, 8, 8, 1)).astype(np.float32)
+    mesh = shd.make_mesh()
+    order = np.asarray(graph_lib.importance_order(t["spec"], t["variables"]))
+    d = decode.make_decoder(t["spec"], order, t["library"], target=0.5, tolerance=0.05)
+    policy = bandit.make_mixture_policy(t["spec"], d.action_mask, hidden=16, n_layers=1,
+                                        n_heads=2, mlp_hidden=32)
+
+    def env(m, **kw):
+        return env_lib.make_env(t["model"].apply, t["variables"], t["spec"], images, labels,
+                                library=t["library"], calib_images=calib, mesh=m,
+                                config=env_lib.EnvConfig(target=0.5, eval_batch_size=32, **kw))
+
+    # n_envs=3 does not divide 4 devices: the candidates are padded to 4 inside the program.
+    kw = dict(iterations=2, n_envs=3, n_steps=2, top_k=2, progress=False, order=order,
+              decoder=d, policy=policy, tensorboard=False)
+    out = {}
+    with tempfile.TemporaryDirectory() as wd:
+        e1, e4 = env(None), env(mesh)
+        one = runner.run_search(e1, "ppo", workdir=wd + "/one", **kw)
+        runner.run_search(e4, "ppo", workdir=wd + "/four", stop_after=1, **kw)
+        four = runner.run_search(e4, "ppo", workdir=wd + "/four", **kw)  # resumed from orbax
+        out["resumed"] = four.iterations_run == 1
+        worst = 0.0
+        for a, b in zip(jax.tree.leaves(one.state), jax.tree.leaves(four.state), strict=True):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.dtype.kind == "f":
+                ok = np.isfinite(a)
+                assert np.array_equal(ok, np.isfinite(b))
+                scale = max(float(np.max(np.abs(a[ok]), initial=0.0)), 1e-6)
+                worst = max(worst, float(np.max(np.abs(a[ok] - b[ok]), initial=0.0)) / scale)
+            else:
+                assert np.array_equal(a, b), (a, b)
+        out["state_worst_rel"] = worst
+        out["same_best_ids"] = [c["pattern_ids"].tolist() for c in one.best] == [
+            c["pattern_ids"].tolist() for c in four.best]
+        out["acc"] = [[c["accuracy"] for c in one.best], [c["accuracy"] for c in four.best]]
+        leaf = jax.tree.leaves(four.state)[0]
+        out["state_replicated_on"] = (len(leaf.sharding.device_set)
+                                      if leaf.sharding.is_fully_replicated else -1)
+        _, iter_fn = runner.compiled_search(
+            e4, "ppo", n_seeds=1, order=order, policy=policy, ppo_config=None, n_envs=3,
+            n_steps=2, top_k=2, budget=12, library="reference6", decoder=d, proposal=None)
+        out["cache_size"] = iter_fn._cache_size()
+
+        # Successive halving (first stage 4 candidates, second ceil(0.5 * 4) = 2) and the
+        # vmap evaluation mode, sharded vs not, on the same ids.
+        valid = np.asarray(t["spec"].valid)
+        ids = np.where(t["spec"].action_mask[None],
+                       np.argmax(rng.random((5, *valid.shape)) * valid, -1), -1).astype(np.int32)
+        diffs = []
+        for cfg in (dict(halving_images=32, halving_keep=0.5),):
+            a = jax.jit(env(None, **cfg).evaluate_staged)(env(None, **cfg).consts, ids)
+            e = env(mesh, **cfg)
+            b = jax.jit(e.evaluate_staged)(e.consts, ids)
+            diffs.append(float(np.max(np.abs(np.asarray(a["accuracy"]) - np.asarray(b["accuracy"])))))
+        out["staged_diffs"] = diffs
+
+        # Masked fine-tune (fit) over the mesh equals the unsharded one.
+        tv = t["variables"]
+        masks = e1.masks_of(jnp.asarray(one.best[0]["pattern_ids"]))
+        splits = {"train": (images, labels), "val": (images[:32], labels[:32])}
+        fkw = dict(epochs=1, batch_size=16, masks=masks, optimizer={"lr": 0.05},
+                   progress=False, tensorboard=False)
+        r1 = ft.fit(t["model"].apply, tv, splits, workdir=wd + "/f1", **fkw)
+        r4 = ft.fit(t["model"].apply, tv, splits, workdir=wd + "/f4", mesh=mesh, **fkw)
+        out["fit_worst_abs"] = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                                   for a, b in zip(jax.tree.leaves(r1.variables),
+                                                   jax.tree.leaves(r4.variables), strict=True))
+        out["fit_val"] = [r1.best_val_accuracy, r4.best_val_accuracy]
+        out["fit_zero"] = bool(masking.pruned_exactly_zero(r4.variables, masks))
+    print(json.dumps(out))
+    """
+)
+
+
+def _run_child(code: str, timeout: int = 600) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    ).strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=root)  # fmt: skip
+    assert proc.returncode == 0, f"child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def search_result():
+    return _run_child(SEARCH_CHILD)
+
+
+def test_sharded_search_equals_unsharded_and_resumes(search_result):
+    r = search_result
+    assert r["resumed"], "the 4-device search must resume from its orbax checkpoint"
+    assert r["same_best_ids"], r
+    np.testing.assert_allclose(r["acc"][1], r["acc"][0], atol=1e-6)
+    # the policy update is replicated, compiled in another program: float-rounding differences
+    assert r["state_worst_rel"] < 1e-4, r
+    assert r["state_replicated_on"] == 4, "the search state must stay replicated on the mesh"
+    assert r["cache_size"] == 1, "fresh, resumed and restored states must share one compile"
+    assert max(r["staged_diffs"]) < 1e-6  # successive halving: 5 -> 8 and 3 -> 4 padded
+
+
+def test_sharded_masked_finetune_equals_unsharded(search_result):
+    r = search_result
+    assert r["fit_worst_abs"] < 1e-4
+    assert r["fit_val"][0] == pytest.approx(r["fit_val"][1], abs=1e-6)
+    assert r["fit_zero"]
+
+
+MAIN_CHILD = textwrap.dedent(
+    """
+    import contextlib, io, json, os, sys, tempfile
+    import jax
+    from sculpt_jax import cli
+
+    assert jax.device_count() == 4
+    SMOKE = ["--model", "resnet8_tiny", "--config.max_train_examples=256",
+             "--config.pretrain.epochs=1", "--config.pretrain.batch_size=32",
+             "--config.search.method=random", "--config.search.iterations=1",
+             "--config.search.n_envs=3", "--config.search.n_steps=1",
+             "--config.search.target_flops=0.5", "--config.search.tolerance=0.05",
+             "--config.search.top_k=1", "--config.search.reward_set_size=64",
+             "--config.search.heldout_size=0", "--config.search.bn_recalib_batches=1",
+             "--config.search.bn_recalib_batch_size=32", "--config.finetune.epochs=1",
+             "--config.finetune.batch_size=32", "--config.report.latency=False",
+             "--config.report.plots=False", "--config.tensorboard=False", "--quiet"]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, devices in (("one", 1), ("four", 0)):
+            wd = os.path.join(tmp, name)
+            assert cli.main(["run", "--workdir", wd, *SMOKE, f"--config.devices={devices}"]) == 0
+            res = json.load(open(os.path.join(wd, "report", "results.json")))["row"]
+            ids = json.load(open(os.path.join(wd, "export", "pattern_ids.json")))
+            head = open(os.path.join(wd, "report", "report.md")).read().splitlines()[2]
+            out[name] = dict(row=res, ids=ids, head=head)
+        # Bad input: a batch the 4 devices cannot split fails before any work, and what the
+        # workdir already held is kept.
+        wd = out["bad_wd"] = os.path.join(tmp, "four")
+        before = open(os.path.join(wd, "config.json")).read()
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = cli.main(["run", "--workdir", wd, *SMOKE, "--config.finetune.batch_size=30"])
+            rc2 = cli.main(["run", "--workdir", wd, *SMOKE, "--config.devices=5"])
+        out["bad"] = dict(rc=[rc, rc2], err=err.getvalue(),
+                          kept=open(os.path.join(wd, "config.json")).read() == before)
+    print(json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def main_job_result():  # two smoke main jobs (1 and 4 devices) in one child: ~100 s CPU
+    return _run_child(MAIN_CHILD)
+
+
+@pytest.mark.slow
+def test_main_job_on_4_devices_equals_1_device(main_job_result):
+    one, four = main_job_result["one"], main_job_result["four"]
+    assert one["row"]["device_count"] == 1 and four["row"]["device_count"] == 4
+    assert isinstance(four["row"]["device_count"], int)
+    assert four["row"]["device_kind"] == one["row"]["device_kind"] == jax.devices()[0].device_kind
+    assert four["row"]["topk_mode"] == "sequential"
+    assert "Devices: 4 x" in four["head"], four["head"]
+    assert four["ids"] == one["ids"], "the same masks on 4 devices as on 1"
+    for k in ("dense_val_accuracy", "dense_test_accuracy", "val_accuracy", "test_accuracy",
+              "search_val_accuracy_before_finetune", "flops_reduction", "params_reduction"):
+        assert four["row"][k] == pytest.approx(one["row"][k], abs=1e-6), k
+
+
+@pytest.mark.slow
+def test_indivisible_batch_fails_before_work_and_keeps_the_workdir(main_job_result):
+    bad = main_job_result["bad"]
+    assert bad["rc"] == [2, 2], bad
+    assert "finetune.batch_size=30 is not divisible by the 4 devices" in bad["err"]
+    assert "set --config.finetune.batch_size=28" in bad["err"]
+    assert "devices=5 but this machine has 4" in bad["err"]
+    assert bad["kept"], "a refused run must not overwrite the workdir's config.json"
+
+
+def test_device_count_and_batch_checks_in_process():
+    from sculpt_jax import config as config_lib
+    from sculpt_jax import pipeline
+
+    have = jax.device_count()
+    assert pipeline.device_count(0) == have and pipeline.device_count(1) == 1
+    with pytest.raises(ValueError, match=f"devices={have + 1} but this machine has {have}"):
+        pipeline.device_count(have + 1)
+    assert pipeline.mesh_of(1) is None  # one device: the unsharded program, unchanged
+    with pytest.raises(ValueError, match=r"batch_size=64 is not divisible by the 3 devices.*=63"):
+        pipeline.check_batches(3, {"batch_size": 64})
+    cfg = config_lib.get_default_config()
+    cfg.devices = 1
+    assert pipeline.check_devices(cfg) == 1 and pipeline.make_mesh(cfg) is None

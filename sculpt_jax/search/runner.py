@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from sculpt_jax import agent as agent_lib
 from sculpt_jax import checkpoint as ckpt
 from sculpt_jax import graph as graph_lib
+from sculpt_jax import sharding as shd
 from sculpt_jax.env import Env
 from sculpt_jax.search import ppo, propose
 
@@ -119,7 +120,10 @@ def compiled_search(env: Env, method: str, *, n_seeds: int = 1, **kwargs):
     """Jitted ``(init_fn(keys [S, 2]), iter_fn(consts, state))`` of a search, cached for the same
     env/policy/settings so that resuming in the same process does not compile again.
 
-    With n_seeds > 1 both are vmapped over a leading seed axis; iter_fn donates the state.
+    With n_seeds > 1 both are vmapped over a leading seed axis; iter_fn donates the state. On an
+    env built with a mesh (`env.make_env(mesh=)`) the candidates of each call are split over its
+    devices inside the one compiled iteration, and the state (policy, optimizer, buffers) comes
+    out replicated on the mesh.
     """
     policy = kwargs.get("policy")
     order = kwargs.get("order")
@@ -135,18 +139,21 @@ def compiled_search(env: Env, method: str, *, n_seeds: int = 1, **kwargs):
         ),
         None if order is None else np.asarray(order).tobytes(),
         str(kwargs.get("library")),
+        env.mesh,
     )
     for k, e, p, d, fns in _COMPILED:
         if k == key and e is env and p is policy and d is decoder:
             return fns
     init, iterate = make_search_fns(env, method, **kwargs)
+    out = {} if env.mesh is None else {"out_shardings": shd.replicated(env.mesh)}
     if n_seeds > 1:
         fns = (
-            jax.jit(jax.vmap(init)),
-            jax.jit(jax.vmap(iterate, in_axes=(None, 0)), donate_argnums=(1,)),
+            jax.jit(jax.vmap(init), **out),
+            jax.jit(jax.vmap(iterate, in_axes=(None, 0)), donate_argnums=(1,), **out),
         )
     else:
-        fns = (jax.jit(lambda k: init(k[0])), jax.jit(iterate, donate_argnums=(1,)))
+        fns = (jax.jit(lambda k: init(k[0]), **out),
+               jax.jit(iterate, donate_argnums=(1,), **out))  # fmt: skip
     _COMPILED.append((key, env, policy, decoder, fns))
     del _COMPILED[:-4]
     return fns
@@ -215,8 +222,10 @@ def run_search(
                                      overwrite=overwrite)  # fmt: skip
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     cand_path = os.path.join(workdir, "candidates.jsonl")
-    # Fresh and restored arrays must both be committed, else jit sees two signatures (retrace).
-    commit = lambda tree: jax.device_put(tree, jax.devices()[0])
+    # Fresh and restored arrays must both be committed, else jit sees two signatures (retrace):
+    # to the env's mesh (replicated) when it has one, else to the default device.
+    where = jax.devices()[0] if env.mesh is None else shd.replicated(env.mesh)
+    commit = lambda tree: jax.device_put(tree, where)
     state = commit(init_fn(keys))
     start = 0
     history: list[dict] = []
