@@ -4,7 +4,8 @@
 
 Sections, each timed on the current backend with every figure from this one run:
   * candidate evaluations/s: N = 1, 8, 32 pattern-pruned ResNet-56 candidates scored on a
-    5,000-image reward set in one compiled call (`env.evaluate`), ``eval_mode`` map vs vmap;
+    5,000-image reward set in one compiled call (`env.evaluate`), ``eval_mode`` map vs vmap, on 1
+    device and split over all devices (when the host has several);
   * train step img/s, dense and masked (a random 50% mask): ResNet-56 (32x32, batch 256) and
     ResNet-50 (224x224, batch 64);
   * top-K fine-tuning: K = 4 masked ResNet-56 models in one program (`make_topk_train_step`, vmap)
@@ -25,6 +26,7 @@ experiments/RESULTS.md with the device name).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -62,10 +64,12 @@ def _timed(fn, repeats: int) -> tuple[float, float]:
 
 
 def candidate_evals(cfg: dict, repeats: int) -> list[dict]:
-    """evals/s of `env.evaluate` on N random pattern-id candidates per call, per eval_mode."""
+    """evals/s of `env.evaluate` on N random pattern-id candidates per call, per eval_mode, on one
+    device and (when there are several) split over all of them (the main job's mesh)."""
     from sculpt_jax import env as env_lib
     from sculpt_jax import graph as graph_lib
     from sculpt_jax import patterns as pat
+    from sculpt_jax import sharding as shd
     from sculpt_jax import trace
     from sculpt_jax.models import get_model, init_model, model_spec
 
@@ -80,8 +84,9 @@ def candidate_evals(cfg: dict, repeats: int) -> list[dict]:
     r_x = rng.normal(size=(cfg["reward"], *shape)).astype(np.float32)
     r_y = rng.integers(0, 10, size=(cfg["reward"],)).astype(np.int32)
     rows = []
-    for mode in ("map", "vmap"):
-        env = env_lib.make_env(model.apply, variables, spec, r_x, r_y, library=lib,
+    meshes = [(1, None)] + ([(jax.device_count(), shd.make_mesh())] if jax.device_count() > 1 else [])
+    for (n_dev, mesh), mode in itertools.product(meshes, ("map", "vmap")):
+        env = env_lib.make_env(model.apply, variables, spec, r_x, r_y, library=lib, mesh=mesh,
                                config=env_lib.EnvConfig(target=0.5, band=0.05, eval_mode=mode,
                                                         eval_batch_size=cfg["batch"]))  # fmt: skip
         ev = jax.jit(env.evaluate)
@@ -91,7 +96,8 @@ def candidate_evals(cfg: dict, repeats: int) -> list[dict]:
             sec, first = _timed(lambda ev=ev, env=env, ids=ids: jax.block_until_ready(
                 ev(env.consts, ids)), repeats)  # fmt: skip
             rows.append({"model": cfg["model"], "reward_set": cfg["reward"], "n": n, "mode": mode,
-                         "evals_per_s": n / sec, "first_call_s": first})  # fmt: skip
+                         "devices": n_dev, "evals_per_s": n / sec,
+                         "first_call_s": first})  # fmt: skip
     return rows
 
 

@@ -25,7 +25,8 @@ def test_accelerator_check_runs_reduced_and_writes_json_and_markdown(tmp_path, m
         "candidate evaluations", "train step", "top-K fine-tuning", "compacted latency",
         "input pipeline"]  # fmt: skip
     evals = sections["candidate evaluations"]
-    assert {(r["n"], r["mode"]) for r in evals} == {(1, "map"), (4, "map"), (1, "vmap"), (4, "vmap")}
+    assert {(r["n"], r["mode"], r["devices"]) for r in evals} == {
+        (n, m, 1) for n in (1, 4) for m in ("map", "vmap")}  # one CPU device in the test
     assert all(r["evals_per_s"] > 0 for r in evals)
     train = sections["train step"][0]
     assert train["dense_train_ips"] > 0 and train["masked_train_ips"] > 0
