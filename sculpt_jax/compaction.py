@@ -66,7 +66,9 @@ from sculpt_jax.tree_util import flatten_with_paths, path_of
 from sculpt_jax.types import LayerGraph
 
 __all__ = [
+    "LOWERINGS",
     "auto_align",
+    "auto_group_min_width",
     "compact",
     "latency_report",
     "load_compact",
@@ -75,6 +77,7 @@ __all__ = [
     "save_compact",
 ]
 
+LOWERINGS = ("filters", "grouped")
 _CALLS = {
     "jit": "jaxpr",
     "pjit": "jaxpr",
@@ -114,7 +117,7 @@ class _Rep:
     """Static layout of a compact activation (see module docstring)."""
 
     axis: int
-    idx: np.ndarray  # int64 [k], sorted kept channels
+    idx: np.ndarray  # int64 [k], kept channels in storage order (unique, not always sorted)
     width: int
     fill: np.ndarray  # [width], value of every dropped channel
 
@@ -170,11 +173,11 @@ def _expand(a: _A, axis: int, target: np.ndarray):
         return jnp.take(a.val, target, axis=axis)
     if r.axis != axis:
         raise CompactError("internal: expanding along the wrong axis")
-    pos = np.searchsorted(r.idx, target)
-    pos_c = np.clip(pos, 0, max(len(r.idx) - 1, 0))
-    present = (
-        (pos < len(r.idx)) & (r.idx[pos_c] == target) if len(r.idx) else np.zeros(len(target), bool)
-    )
+    inv = np.full(r.width, -1, np.int64)  # idx may be in any order (grouped convs permute)
+    inv[r.idx] = np.arange(len(r.idx))
+    pos = inv[target]
+    present = pos >= 0
+    pos_c = np.where(present, pos, 0)
     if present.all() and np.array_equal(pos, np.arange(len(r.idx))):
         return a.val
     padded = _expand_by_pad(a.val, axis, pos, present, r.fill[target])
@@ -238,6 +241,20 @@ def _full(a: _A):
     return _expand(a, a.rep.axis, np.arange(a.rep.width))
 
 
+def _union_order(idxs: list[np.ndarray]) -> np.ndarray:
+    """The kept channels of an elementwise op on operands kept at `idxs`: their union, sorted when
+    every operand is sorted (the filter lowering), else in the order of the widest operand with
+    the others' extra channels after it, so that operand is read without a gather and the others
+    are gathered into its order (a residual add of two differently permuted grouped convs)."""
+    if all(np.all(np.diff(i) > 0) for i in idxs):
+        return np.unique(np.concatenate(idxs))
+    base = max(idxs, key=len)
+    if all(len(i) == len(base) and np.array_equal(i, base) for i in idxs):
+        return base
+    rest = np.concatenate(idxs)
+    return np.concatenate([base, np.unique(rest[~np.isin(rest, base)])]).astype(np.int64)
+
+
 def _const_along(v: np.ndarray, keep_axis: int | None) -> np.ndarray | None:
     """`v` reduced (keepdims) along every axis but `keep_axis` where constant; None if not."""
     out = v
@@ -277,7 +294,8 @@ def _shape_with(shape, axis, n):
 class _Interp:
     def __init__(self, *, record: bool, plan: dict, cvars: dict, layers_by_kernel=None,
                  filter_alive=None, kernel_masks=None, crop: bool = True,
-                 align: int = 1):  # fmt: skip
+                 align: int = 1, lowering: str = "filters", group_min_width: int = 0,
+                 group_min_filters: int = 1):  # fmt: skip
         self.record = record
         self.plan = plan
         self.cvars = cvars
@@ -286,6 +304,9 @@ class _Interp:
         self.kernel_masks = kernel_masks or {}
         self.crop = crop
         self.align = int(align)
+        self.lowering = lowering
+        self.group_min_width = int(group_min_width)
+        self.group_min_filters = int(group_min_filters)
         self.eid = 0  # equations on activations: keys of the plan and of compact_variables
         self.pid = 0  # parameter-only equations: keys of `pvals` (see `_param_pass`)
         self.layer_info: dict[int, dict] = {}
@@ -445,7 +466,7 @@ class _Interp:
             else:
                 raise _Fallback
             red[j] = r
-        idx = np.unique(np.concatenate([a.rep.idx for a in acts]))
+        idx = _union_order([a.rep.idx for a in acts])
         fill = _np_elementwise(eqn, vecs)
         for j, r in red.items():
             if r.ndim and r.shape[axis] == width:
@@ -533,7 +554,7 @@ class _Interp:
         if r is None or r.axis != feat:
             return np.arange(width)
         nz = np.nonzero((r.fill != 0) & r.dropped())[0]
-        return np.unique(np.concatenate([r.idx, nz]))
+        return np.concatenate([r.idx, nz])  # the stored order first: no gather to read it
 
     def decide_conv(self, eqn, ins, eid):
         p = eqn.params
@@ -561,7 +582,7 @@ class _Interp:
             inset = np.zeros(width, bool)
             inset[need] = True
             live = alive & inset
-            out = np.nonzero(live)[0]
+            out = need[live[need]]  # in the input's stored order: read without a gather
             s = out
         else:
             live = np.ones(fcount, bool)
@@ -570,6 +591,12 @@ class _Interp:
         if len(out) == 0:
             out = np.asarray([0])
             s = out if g > 1 else s
+        padding = [list(x) for x in p["padding"]] if not isinstance(p["padding"], str) else None
+        if (g == 1 and self.lowering == "grouped" and len(out) >= self.group_min_width
+                and padding is not None and all(d == 1 for d in p["rhs_dilation"])
+                and all(d == 1 for d in p["lhs_dilation"])):  # fmt: skip
+            return self.decide_gconv(eqn, eid, layer, k, kmask, width, s, out, live, alive,
+                                     padding)  # fmt: skip
         if g == 1:
             out = _aligned(out, fcount, live, self.align)
         kc = np.take(k, out, axis=ro)
@@ -577,7 +604,6 @@ class _Interp:
         if g == 1:
             kc, mc = np.take(kc, s, axis=ri), np.take(mc, s, axis=ri)
         new_g = len(out) if (g > 1 and k.shape[ri] == 1 and g == width == fcount) else g
-        padding = [list(x) for x in p["padding"]] if not isinstance(p["padding"], str) else None
         crop = []
         if (self.crop and padding is not None and all(d == 1 for d in p["rhs_dilation"])
                 and all(d == 1 for d in p["lhs_dilation"])):  # fmt: skip
@@ -600,6 +626,41 @@ class _Interp:
         rep = _Rep(of, np.asarray(out, np.int64), fcount, np.zeros(fcount, dtype))
         return {"kind": "conv", "in_axis": lf, "in_idx": np.asarray(s).tolist(),
                 "groups": int(new_g), "padding": padding, "out": [rep.to_json()]}  # fmt: skip
+
+    def decide_gconv(self, eqn, eid, layer, k, kmask, width, s, out, live, alive, padding):
+        """The grouped lowering of a (feature_group_count 1) conv: its kept filters `out` grouped
+        by their exact spatial footprint (`_footprint_groups`), each group one conv with the
+        kernel cropped to the group's bounding box of taps and the padding shifted by the crop
+        (negative padding = the input cropped; exact for any stride). The group outputs are
+        concatenated in group order, which becomes the activation's stored channel order; its
+        consumers (BN, bias, next kernels' input rows) are sliced in that order on the host."""
+        dn = eqn.params["dimension_numbers"]
+        ro, ri, sp = dn.rhs_spec[0], dn.rhs_spec[1], tuple(dn.rhs_spec[2:])
+        kc = np.take(np.take(k, out, axis=ro), s, axis=ri)
+        mc = np.take(np.take(kmask, out, axis=ro), s, axis=ri)
+        foot = np.moveaxis(mc.any(axis=ri, keepdims=True), (ro, *sp), range(1 + len(sp)))
+        foot = foot.reshape(foot.shape[: 1 + len(sp)])  # [F, *spatial]
+        convs, order, shapes = [], [], []
+        for j, members in enumerate(_footprint_groups(foot, self.group_min_filters)):
+            box = np.nonzero(foot[members].any(axis=0))
+            kg = np.take(kc, members, axis=ro)
+            pad = [list(pp) for pp in padding]
+            for si, sd in enumerate(sp):
+                lo, hi = int(box[si].min()), int(box[si].max())
+                kg = np.take(kg, np.arange(lo, hi + 1), axis=sd)
+                pad[si] = [pad[si][0] - lo, pad[si][1] - (k.shape[sd] - 1 - hi)]
+            self.cvars[f"{eid}.1.{j}"] = kg
+            convs.append({"padding": pad})
+            order.append(np.asarray(out)[members])
+            shapes.append(list(kg.shape))
+        out = np.concatenate(order)
+        self._layer_record(layer, width, s, out, live, alive, kmask, mc, kc, [])
+        self.layer_info[layer.index]["groups"] = shapes
+        fcount = k.shape[ro]
+        dtype = np.dtype(eqn.outvars[0].aval.dtype)
+        rep = _Rep(dn.out_spec[1], out.astype(np.int64), fcount, np.zeros(fcount, dtype))
+        return {"kind": "gconv", "in_axis": dn.lhs_spec[1], "in_idx": np.asarray(s).tolist(),
+                "convs": convs, "out": [rep.to_json()]}  # fmt: skip
 
     def decide_dot(self, eqn, ins, eid, kpos):
         p = eqn.params
@@ -700,6 +761,15 @@ class _Interp:
             if d["padding"] is not None:
                 p["padding"] = tuple(tuple(int(v) for v in pp) for pp in d["padding"])
             return [_A(eqn.primitive.bind(x, w, **p), reps[0])]
+        if kind == "gconv":
+            x = _expand(ins[0], d["in_axis"], np.asarray(d["in_idx"], np.int64))
+            outs = []
+            for j, c in enumerate(d["convs"]):
+                p["padding"] = tuple(tuple(int(v) for v in pp) for pp in c["padding"])
+                outs.append(eqn.primitive.bind(x, jnp.asarray(self.cvars[f"{eid}.1.{j}"]), **p))
+            axis = p["dimension_numbers"].out_spec[1]
+            y = outs[0] if len(outs) == 1 else jax.lax.concatenate(outs, axis)
+            return [_A(y, reps[0])]
         if kind == "dot":
             kpos = d["kpos"]
             a = ins[1 - kpos]
@@ -736,6 +806,31 @@ class _Interp:
             p["padding_config"] = tuple(cfg)
             vals[1] = vals[1].reshape(()).astype(a.val.dtype)
         return eqn.primitive.bind(*vals, **p)
+
+
+def _footprint_groups(foot: np.ndarray, min_filters: int = 1) -> list[np.ndarray]:
+    """Filters grouped by their exact spatial footprint (host-only).
+
+    Args:
+      foot: bool ``[F, *spatial]``, the taps each filter keeps in any input channel (reference6:
+        one of its 5 non-empty patterns; a per-kernel library: the union over input channels).
+      min_filters: a group of fewer filters is merged with the other small ones into one group
+        (their union's bounding box, still exact: the box only adds zero taps).
+    Returns:
+      index arrays into ``[0, F)``, ascending within a group, groups in the order of their first
+      filter; every filter in exactly one group. For reference6 the groups are the patterns
+      (right column, bottom row, right two columns, bottom two rows, full): each becomes one
+      dense conv with a 3x1, 1x3, 3x2, 2x3 or 3x3 kernel.
+    """
+    keys = [f.tobytes() for f in foot]
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    big = [np.asarray(g) for g in groups.values() if len(g) >= min_filters]
+    small = [i for g in groups.values() if len(g) < min_filters for i in g]
+    if small:
+        big.append(np.asarray(sorted(small)))
+    return sorted(big, key=lambda g: int(g[0]))
 
 
 class _Fallback(Exception):
@@ -862,6 +957,9 @@ def compact(
     *,
     crop: bool = True,
     align: int = 1,
+    lowering: str = "filters",
+    group_min_width: int | None = None,
+    group_min_filters: int = 1,
 ) -> tuple[Callable, dict[str, np.ndarray], dict]:
     """Builds the physically smaller model equal to the masked one (host-only; see module doc).
 
@@ -876,7 +974,14 @@ def compact(
         multiple of `align` (capped at the full width), materialising exact-zero filters to get
         there: thin, odd widths run slower than aligned ones on some backends (measure with
         ``benchmarks/latency.py --align``). 1 = no padding. Counted params are unchanged;
-        ``stored_params`` grows.
+        ``stored_params`` grows. Grouped convs are not padded.
+      lowering: "filters" (every kept filter of a conv in one conv, kernels cropped only where
+        ALL kept filters allow) or "grouped" (a conv of at least `group_min_width` kept filters
+        becomes one cropped conv per group of filters with the same spatial footprint, outputs
+        concatenated, the permutation folded into the consumers; see module docstring).
+      group_min_width: conv layers with fewer kept filters stay one conv under "grouped"; None =
+        `auto_group_min_width()` for the backend.
+      group_min_filters: footprint groups of fewer filters are merged into one bounding-box conv.
     Returns:
       (compact_apply_fn, compact_variables, info): ``compact_apply_fn(compact_variables, x)`` is
       jitted and equals ``apply_fn(apply_masks(variables, masks), x, train=False)`` for any batch
@@ -891,6 +996,10 @@ def compact(
         )
     if not isinstance(align, int) or align < 1:
         raise CompactError(f"align must be an int >= 1 (1 = no padding), got {align!r}.")
+    if lowering not in LOWERINGS:
+        raise CompactError(f"lowering must be one of {LOWERINGS}, got {lowering!r}.")
+    if group_min_width is None:
+        group_min_width = auto_group_min_width()
     if masks is None:
         masks = masking.ones_masks(variables)
     masked_vars = masking.apply_masks(variables, masks)
@@ -916,7 +1025,8 @@ def compact(
     def record(align_):
         interp_ = _Interp(record=True, plan={}, cvars={}, layers_by_kernel=by_kernel,
                           filter_alive=filter_alive, kernel_masks=kernel_masks, crop=crop,
-                          align=align_)  # fmt: skip
+                          align=align_, lowering=lowering, group_min_width=group_min_width,
+                          group_min_filters=group_min_filters)  # fmt: skip
         interp_.layers_by_kernel_layer = graph.layers
         interp_.pvals = pvals
 
@@ -942,6 +1052,7 @@ def compact(
                  filter_alive)  # fmt: skip
     info["stored_params"] = int(sum(np.size(v) for v in cvars.values()))
     info["align"] = align
+    info["lowering"] = lowering
     for d in info["layers"]:  # kernel_after: the pruned kernel; kernel_stored: with padding
         d["kernel_stored"] = interp.layer_info.get(d["index"], d)["kernel_after"]
     info["plan"] = plan
@@ -1086,6 +1197,14 @@ def measure_latency(
         jax.block_until_ready(f(variables, x))
         ts.append((time.perf_counter() - t) * 1e3)
     return _stats(ts)
+
+
+def auto_group_min_width(platform: str | None = None) -> int:
+    """The `compact` ``group_min_width`` used when none is given for `platform` (default: JAX's
+    backend): conv layers with fewer kept filters are left as one conv by ``lowering="grouped"``.
+    0 (group every conv) until measured otherwise (``benchmarks/latency.py``)."""
+    del platform
+    return 0
 
 
 def auto_align(platform: str | None = None) -> int:
