@@ -125,6 +125,96 @@ def bench_model(name, batches, target, repeats, aligns=(1,)):
     return rep
 
 
+def random_pattern_masks(graph, variables, q, seed=0):
+    """Random reference6 patterns: every filter of every prunable layer but the head draws, with
+    probability `q`, a uniform id among its layer's valid ones (0 = removed ... 5 = keep-all),
+    else keeps all (5). Host-side numpy draws (a benchmark input, not part of the search)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sculpt_jax import masking, patterns
+
+    lib = patterns.get_library("reference6")
+    rng = np.random.default_rng(seed)
+    ids = {}
+    for li, layer in enumerate(graph.layers[:-1]):
+        valid = np.nonzero(patterns.valid_patterns(layer, lib))[0]
+        f = layer.out_features
+        draw = valid[rng.integers(0, len(valid), f)]
+        ids[li] = jnp.asarray(np.where(rng.random(f) < q, draw, lib.keep_id), jnp.int32)
+    return masking.pattern_ids_to_masks(graph, variables, ids)
+
+
+def bisect_pattern_rate(graph, variables, target, iters=10, seed=0):
+    """(q, masks, true FLOPs reduction) of `random_pattern_masks` nearest `target` by bisection
+    (the same seed for every q, so the reduction grows with q)."""
+    from sculpt_jax import flops
+
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        m = random_pattern_masks(graph, variables, mid, seed)
+        red = float(flops.count_exact(graph, m)["flops_reduction"])
+        if best is None or abs(red - target) < abs(best[2] - target):
+            best = (mid, m, red)
+        lo, hi = (mid, hi) if red < target else (lo, mid)
+    return best
+
+
+def bench_patterns(name, batches, target, repeats, min_widths=(0,)):
+    """Random reference6 patterns at ~`target` true FLOPs reduction: dense vs masked vs compact
+    (filter lowering: removed filters gone, 3x3 kernels with zeros) vs grouped (one cropped conv
+    per pattern group; one variant per ``group_min_width``), timed round-robin. Returns one row
+    per batch: dense_ms, masked_ms, compact_ms, grouped_ms (first min width), grouped_ms_by_width,
+    max_abs_err (grouped vs masked), flops_ratio, share = ((dense - grouped) / dense) / (1 -
+    flops_ratio)."""
+    import jax
+    import numpy as np
+
+    from sculpt_jax import compaction, masking, trace
+    from sculpt_jax.models import get_model, init_model, model_spec
+
+    spec = model_spec(name)
+    model = get_model(name)
+    v = init_model(model, jax.random.key(0), spec.input_shape)
+    x1 = jax.numpy.zeros((1, *spec.input_shape), jax.numpy.float32)
+    graph = trace.trace_model(model.apply, v, x1)
+    q, masks, red = bisect_pattern_rate(graph, v, target)
+    comp = compaction.compact(model.apply, v, graph, masks, x1)
+    grouped = {w: compaction.compact(model.apply, v, graph, masks, x1, lowering="grouped",
+                                     group_min_width=w) for w in min_widths}  # fmt: skip
+    ratio = comp[2]["masked_flops"] / comp[2]["dense_flops"]
+    dense_apply = lambda v_, x_: model.apply(v_, x_, train=False)  # noqa: E731
+    masked_v = masking.apply_masks(v, masks)
+    named = {"dense": (dense_apply, v), "masked": (dense_apply, masked_v),
+             "compact": (comp[0], comp[1])}  # fmt: skip
+    named.update({f"grouped_w{w}": (g[0], g[1]) for w, g in grouped.items()})
+    print(f"\n## {name}: random reference6 patterns (q={q:.3f}), true FLOPs reduction {red:.3f}; "
+          f"stored params dense {comp[2]['dense_stored_params']} compact "
+          f"{comp[2]['stored_params']} grouped "
+          + ", ".join(f"w{w}: {g[2]['stored_params']}" for w, g in grouped.items())
+          + f" (counted {comp[2]['params']})")  # fmt: skip
+    print("batch " + " ".join(f"{k:>12s}" for k in named) + "   max_abs_err  share (grouped)")
+    rows = []
+    for b in batches:
+        x = jax.random.normal(jax.random.key(b), (b, *spec.input_shape), jax.numpy.float32)
+        n = repeats if b <= 8 else max(3, repeats // 4)
+        r = compaction.measure_latencies(named, x, repeats=n)
+        ref = np.asarray(jax.jit(dense_apply)(masked_v, x))
+        w0 = min_widths[0]
+        err = max(float(np.abs(np.asarray(g[0](g[1], x)) - ref).max()) for g in grouped.values())
+        t = {k: r[k]["median_ms"] for k in named}
+        share = (t["dense"] - t[f"grouped_w{w0}"]) / t["dense"] / (1 - ratio)
+        rows.append({"model": name, "batch": b, "dense_ms": t["dense"], "masked_ms": t["masked"],
+                     "compact_ms": t["compact"], "grouped_ms": t[f"grouped_w{w0}"],
+                     "grouped_ms_by_min_width": {str(w): t[f"grouped_w{w}"] for w in grouped},
+                     "max_abs_err": err, "flops_ratio": ratio, "share": share, "q": q,
+                     "repeats": n})  # fmt: skip
+        print(f"{b:5d} " + " ".join(f"{t[k]:12.2f}" for k in named) + f"   {err:.1e}   "
+              f"{share:.2f}")  # fmt: skip
+    return rows
+
+
 def bench_widths(repeats):
     import jax
     import jax.numpy as jnp
@@ -192,9 +282,21 @@ def main(argv=None) -> None:
     p.add_argument("--align", nargs="+", type=int, default=[1, 16],
                    help="compact(align=N) variants to time (1 = no padding)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--patterns-only", action="store_true",
+                   help="only the random-reference6-pattern table (dense/masked/compact/grouped)")
+    p.add_argument("--group-min-width", nargs="+", type=int, default=[0],
+                   help="compact(lowering='grouped', group_min_width=N) variants to time")
     args = p.parse_args(argv)
     header("latency: dense vs masked vs compacted")
-    out = {}
+    out = {"patterns": []}
+    for name in args.models:
+        out["patterns"] += bench_patterns(name, args.batches, args.target, args.repeats,
+                                          tuple(args.group_min_width))  # fmt: skip
+    if args.patterns_only:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return
     for name in args.models:
         out[name] = bench_model(name, args.batches, args.target, args.repeats, args.align)
     out["widths"] = bench_widths(max(5, args.repeats // 2))
