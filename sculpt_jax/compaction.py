@@ -5,10 +5,11 @@ with the same outputs, without any per-model code: it re-interprets the jaxpr of
 ``apply_fn(variables, x, train=False)`` (params as jaxpr inputs, as `trace.trace_model` does) and
 represents every activation by its *kept* channels along one feature axis:
 
-* an activation value is ``(compact array, rep)`` where ``rep`` = (feature axis, sorted kept channel
-  indices ``idx`` of the full width ``C``, ``fill`` [C]): every dropped channel is known to be the
-  constant ``fill[c]`` at every position (0 after a removed filter: its kernel, bias and BN
-  scale/bias are zero, `masking.pattern_ids_to_masks`). ``rep = None`` means "full width".
+* an activation value is ``(compact array, rep)`` where ``rep`` = (feature axis, kept channel
+  indices ``idx`` of the full width ``C`` in the order they are stored (sorted except after a
+  grouped conv), ``fill`` [C]): every dropped channel is known to be the constant ``fill[c]`` at
+  every position (0 after a removed filter: its kernel, bias and BN scale/bias are zero,
+  `masking.pattern_ids_to_masks`). ``rep = None`` means "full width".
 * a prunable conv / dense (kernel = a `LayerGraph` kernel leaf) reads only the input channels that
   are kept or have a nonzero fill (dead input features are dropped together with the kernel entries
   reading them) and writes only its alive filters (`flops.alive_features`); a depthwise conv keeps
@@ -16,8 +17,25 @@ represents every activation by its *kept* channels along one feature axis:
   Kernel rows/columns that are zero in every kept filter (row/column patterns shared by all alive
   filters, e.g. reference6 pattern 3 = 011/011/011) are cropped (3x3 -> 3x2) with the padding
   shifted, when the padding stays >= 0 and the conv is not dilated.
+* ``lowering="grouped"`` (pattern-grouped execution): a conv (feature_group_count 1, explicit
+  padding, not dilated) instead groups its kept filters by their exact spatial footprint (the taps
+  kept in any input channel) and runs one dense conv per group, its kernel cropped to the group's
+  bounding box with the padding shifted by the crop (negative padding crops the input; exact for
+  any stride). Reference6's five non-empty patterns (``patterns.py``: 001/001/001, 000/000/111,
+  011/011/011, 000/111/111, full) become 3x1, 1x3, 3x2, 2x3 and 3x3 convs that store only masked
+  entries; any library whose per-filter footprints are rectangles is covered the same way, and a
+  non-rectangular footprint (figure8 per-kernel patterns: the union over input channels) runs as
+  its bounding box with zeros (still exact). ViT region patterns have no spatial kernel: their
+  dense layers keep the filter lowering (masked-only beyond filter removal). The group outputs are
+  concatenated in group order, which is simply the activation's stored ``idx`` order: the
+  permutation is folded into the consumers (BN/bias/kernel input rows are sliced on the host in
+  that order), with no runtime gather, except where an elementwise op (a residual add) meets
+  operands stored in different orders: the widest operand's order wins and the others are
+  gathered into it (`_union_order`). On XLA:CPU this lowering is SLOWER than the filter lowering
+  at every width measured (thin convs cost about a full SIMD vector each; experiments/RESULTS.md),
+  so "filters" stays the default; it is the mode to measure on accelerators.
 * elementwise ops take the union of their operands' kept channels (a residual-stream channel is
-  dropped only where EVERY addend is dropped); per-channel parameter operands (BN, biases) are
+  dropped only where EVERY addend is dropped; sorted, or in the widest operand's order); per-channel parameter operands (BN, biases) are
   sliced, and the fill is pushed through the op (so ``(0 - mean) * 0 + 0`` stays exactly 0);
   structural ops (reshape, transpose, broadcast, slice, pad (option-A shortcuts pad the channel axis:
   new channels are dropped with fill 0), concatenate, reductions and pooling over other axes) keep the
@@ -37,7 +55,9 @@ kernel entries of alive filters that read dead input features (their input is ex
 compaction drops them) and ``dropped_affine_entries`` belong to alive filters whose output is zero
 anyway (a depthwise filter on a dead channel). Without removed filters both are 0 and ``params``
 equals ``masked_params``. ``stored_params`` counts every stored compact entry (kernels include the
-zeros of patterns that could not be cropped; BN statistics are folded in).
+zeros of patterns that could not be cropped; BN statistics are folded in); under the grouped
+lowering a reference6 model stores no kernel zeros at all (per-layer ``groups`` lists the group
+kernels' shapes).
 
 Host-only: `compact`, `auto_align`, `save_compact`, `load_compact`, `measure_latency`,
 `measure_latencies`, `latency_report`. The returned ``compact_apply_fn`` is jittable. Sections:
@@ -68,7 +88,6 @@ from sculpt_jax.types import LayerGraph
 __all__ = [
     "LOWERINGS",
     "auto_align",
-    "auto_group_min_width",
     "compact",
     "latency_report",
     "load_compact",
@@ -958,7 +977,7 @@ def compact(
     crop: bool = True,
     align: int = 1,
     lowering: str = "filters",
-    group_min_width: int | None = None,
+    group_min_width: int = 0,
     group_min_filters: int = 1,
 ) -> tuple[Callable, dict[str, np.ndarray], dict]:
     """Builds the physically smaller model equal to the masked one (host-only; see module doc).
@@ -979,8 +998,8 @@ def compact(
         ALL kept filters allow) or "grouped" (a conv of at least `group_min_width` kept filters
         becomes one cropped conv per group of filters with the same spatial footprint, outputs
         concatenated, the permutation folded into the consumers; see module docstring).
-      group_min_width: conv layers with fewer kept filters stay one conv under "grouped"; None =
-        `auto_group_min_width()` for the backend.
+      group_min_width: conv layers with fewer kept filters stay one conv under "grouped" (0 =
+        group every conv).
       group_min_filters: footprint groups of fewer filters are merged into one bounding-box conv.
     Returns:
       (compact_apply_fn, compact_variables, info): ``compact_apply_fn(compact_variables, x)`` is
@@ -998,8 +1017,6 @@ def compact(
         raise CompactError(f"align must be an int >= 1 (1 = no padding), got {align!r}.")
     if lowering not in LOWERINGS:
         raise CompactError(f"lowering must be one of {LOWERINGS}, got {lowering!r}.")
-    if group_min_width is None:
-        group_min_width = auto_group_min_width()
     if masks is None:
         masks = masking.ones_masks(variables)
     masked_vars = masking.apply_masks(variables, masks)
@@ -1197,14 +1214,6 @@ def measure_latency(
         jax.block_until_ready(f(variables, x))
         ts.append((time.perf_counter() - t) * 1e3)
     return _stats(ts)
-
-
-def auto_group_min_width(platform: str | None = None) -> int:
-    """The `compact` ``group_min_width`` used when none is given for `platform` (default: JAX's
-    backend): conv layers with fewer kept filters are left as one conv by ``lowering="grouped"``.
-    0 (group every conv) until measured otherwise (``benchmarks/latency.py``)."""
-    del platform
-    return 0
 
 
 def auto_align(platform: str | None = None) -> int:
