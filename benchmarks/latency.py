@@ -173,7 +173,8 @@ def bench_patterns(name, batches, target, repeats, min_widths=(0,)):
     """Random reference6 patterns at ~`target` true FLOPs reduction: dense vs masked vs compact
     (filter lowering: removed filters gone, 3x3 kernels with zeros; also with align=16, the CPU
     export default) vs grouped (one cropped conv
-    per pattern group; one variant per ``group_min_width``), timed round-robin. Returns one row
+    per pattern group; one variant per ``group_min_width``; ``grouped_nc``: the same with the
+    coupled residual convs on the filter lowering, so no add gathers), timed round-robin. Returns one row
     per batch: dense_ms, masked_ms, compact_ms, grouped_ms (first min width), grouped_ms_by_width,
     max_abs_err (grouped vs masked), flops_ratio, share = ((dense - grouped) / dense) / (1 -
     flops_ratio)."""
@@ -199,6 +200,9 @@ def bench_patterns(name, batches, target, repeats, min_widths=(0,)):
     named = {"dense": (dense_apply, v), "masked": (dense_apply, masked_v),
              "compact": (comp[0], comp[1]), "compact_a16": (comp16[0], comp16[1])}  # fmt: skip
     named.update({f"grouped_w{w}": (g[0], g[1]) for w, g in grouped.items()})
+    nc = compaction.compact(model.apply, v, graph, masks, x1, lowering="grouped",
+                            group_min_width=min_widths[0], group_coupled=False)  # fmt: skip
+    named["grouped_nc"] = (nc[0], nc[1])  # coupled (residual) convs on the filter lowering
     print(f"\n## {name}: random reference6 patterns (q={q:.3f}), true FLOPs reduction {red:.3f}; "
           f"stored params dense {comp[2]['dense_stored_params']} compact "
           f"{comp[2]['stored_params']} grouped "
@@ -212,12 +216,13 @@ def bench_patterns(name, batches, target, repeats, min_widths=(0,)):
         r = compaction.measure_latencies(named, x, repeats=n)
         ref = np.asarray(jax.jit(dense_apply)(masked_v, x))
         w0 = min_widths[0]
-        err = max(float(np.abs(np.asarray(g[0](g[1], x)) - ref).max()) for g in grouped.values())
+        err = max(float(np.abs(np.asarray(g[0](g[1], x)) - ref).max())
+                  for g in [*grouped.values(), nc])  # fmt: skip
         t = {k: r[k]["median_ms"] for k in named}
         share = (t["dense"] - t[f"grouped_w{w0}"]) / t["dense"] / (1 - ratio)
         rows.append({"model": name, "batch": b, "dense_ms": t["dense"], "masked_ms": t["masked"],
                      "compact_ms": t["compact"], "compact_a16_ms": t["compact_a16"],
-                     "grouped_ms": t[f"grouped_w{w0}"],
+                     "grouped_ms": t[f"grouped_w{w0}"], "grouped_uncoupled_ms": t["grouped_nc"],
                      "grouped_ms_by_min_width": {str(w): t[f"grouped_w{w}"] for w in grouped},
                      "max_abs_err": err, "flops_ratio": ratio, "share": share, "q": q,
                      "repeats": n})  # fmt: skip

@@ -314,7 +314,7 @@ class _Interp:
     def __init__(self, *, record: bool, plan: dict, cvars: dict, layers_by_kernel=None,
                  filter_alive=None, kernel_masks=None, crop: bool = True,
                  align: int = 1, lowering: str = "filters", group_min_width: int = 0,
-                 group_min_filters: int = 1):  # fmt: skip
+                 group_min_filters: int = 1, ungrouped: frozenset = frozenset()):  # fmt: skip
         self.record = record
         self.plan = plan
         self.cvars = cvars
@@ -326,6 +326,7 @@ class _Interp:
         self.lowering = lowering
         self.group_min_width = int(group_min_width)
         self.group_min_filters = int(group_min_filters)
+        self.ungrouped = ungrouped  # layer indices kept on the filter lowering
         self.eid = 0  # equations on activations: keys of the plan and of compact_variables
         self.pid = 0  # parameter-only equations: keys of `pvals` (see `_param_pass`)
         self.layer_info: dict[int, dict] = {}
@@ -612,6 +613,7 @@ class _Interp:
             s = out if g > 1 else s
         padding = [list(x) for x in p["padding"]] if not isinstance(p["padding"], str) else None
         if (g == 1 and self.lowering == "grouped" and len(out) >= self.group_min_width
+                and li not in self.ungrouped
                 and padding is not None and all(d == 1 for d in p["rhs_dilation"])
                 and all(d == 1 for d in p["lhs_dilation"])):  # fmt: skip
             return self.decide_gconv(eqn, eid, layer, k, kmask, width, s, out, live, alive,
@@ -979,6 +981,7 @@ def compact(
     lowering: str = "filters",
     group_min_width: int = 0,
     group_min_filters: int = 1,
+    group_coupled: bool = True,
 ) -> tuple[Callable, dict[str, np.ndarray], dict]:
     """Builds the physically smaller model equal to the masked one (host-only; see module doc).
 
@@ -1001,6 +1004,9 @@ def compact(
       group_min_width: conv layers with fewer kept filters stay one conv under "grouped" (0 =
         group every conv).
       group_min_filters: footprint groups of fewer filters are merged into one bounding-box conv.
+      group_coupled: also group the convs of coupled (residual-summed) groups; their permuted
+        outputs are gathered into one order at each add. False = those convs keep the filter
+        lowering (sorted channels, no gathers; fewer cropped convs).
     Returns:
       (compact_apply_fn, compact_variables, info): ``compact_apply_fn(compact_variables, x)`` is
       jitted and equals ``apply_fn(apply_masks(variables, masks), x, train=False)`` for any batch
@@ -1033,6 +1039,8 @@ def compact(
         if m is not None:
             kernel_masks[layer.kernel_path] = np.asarray(m) != 0
     by_kernel = {layer.kernel_path: layer.index for layer in graph.layers}
+    ungrouped = frozenset() if group_coupled else frozenset(
+        li for grp in graph.coupled_groups if len(grp) > 1 for li in grp)  # fmt: skip
     xs = jax.ShapeDtypeStruct(tuple(sample_input.shape), sample_input.dtype)
     closed = _jaxpr_for(apply_fn, treedef, abstract, xs)
     pvals = jax.jit(lambda lv: _param_pass(closed, lv))(leaves)
@@ -1043,7 +1051,8 @@ def compact(
         interp_ = _Interp(record=True, plan={}, cvars={}, layers_by_kernel=by_kernel,
                           filter_alive=filter_alive, kernel_masks=kernel_masks, crop=crop,
                           align=align_, lowering=lowering, group_min_width=group_min_width,
-                          group_min_filters=group_min_filters)  # fmt: skip
+                          group_min_filters=group_min_filters,
+                          ungrouped=ungrouped)  # fmt: skip
         interp_.layers_by_kernel_layer = graph.layers
         interp_.pvals = pvals
 

@@ -57,8 +57,8 @@ def test_grouped_reference6_groups_and_storage():
 
 def test_grouped_residual_coupled_and_structured():
     """Coupled residual layers (whole stream channels removed) plus random patterns: the adds
-    align differently permuted operands; resnet20 at batch 1 and 4."""
-    model, v, x, graph, fwd = setup("resnet20")
+    align differently permuted operands; resnet8_tiny at batch 1 and 4."""
+    model, v, x, graph, fwd = setup("resnet8_tiny")
     m1 = structured_masks(graph, v)
     m2 = random_pattern_masks(graph, v, seed=3, low=0)
     masks = jax.tree.map(lambda a, b: a * b, m1, m2)
@@ -69,6 +69,14 @@ def test_grouped_residual_coupled_and_structured():
         np.testing.assert_allclose(np.asarray(fn(cv, xb)), np.asarray(ref), atol=1e-4, rtol=0)
     plan_orders = [e["out"][0]["idx"] for e in info["plan"].values() if e["kind"] == "gconv"]
     assert any(o != sorted(o) for o in plan_orders), "no conv output was permuted"
+    # coupled convs on the filter lowering: no gather left, same outputs
+    fn, cv, info = C.compact(model.apply, v, graph, masks, x, lowering="grouped",
+                             group_coupled=False)  # fmt: skip
+    ref = fwd(masking.apply_masks(v, masks), x)
+    np.testing.assert_allclose(np.asarray(fn(cv, x)), np.asarray(ref), atol=1e-4, rtol=0)
+    coupled = {li for grp in graph.coupled_groups if len(grp) > 1 for li in grp}
+    grouped = {d["index"] for d in info["layers"] if "groups" in d}
+    assert grouped and not grouped & coupled
 
 
 def test_grouped_export_round_trip(tmp_path):
