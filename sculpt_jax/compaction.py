@@ -96,7 +96,7 @@ __all__ = [
     "save_compact",
 ]
 
-LOWERINGS = ("filters", "grouped")
+LOWERINGS = ("filters", "grouped", "taps")
 _CALLS = {
     "jit": "jaxpr",
     "pjit": "jaxpr",
@@ -612,7 +612,7 @@ class _Interp:
             out = np.asarray([0])
             s = out if g > 1 else s
         padding = [list(x) for x in p["padding"]] if not isinstance(p["padding"], str) else None
-        if (g == 1 and self.lowering == "grouped" and len(out) >= self.group_min_width
+        if (g == 1 and self.lowering != "filters" and len(out) >= self.group_min_width
                 and li not in self.ungrouped
                 and padding is not None and all(d == 1 for d in p["rhs_dilation"])
                 and all(d == 1 for d in p["lhs_dilation"])):  # fmt: skip
@@ -661,6 +661,9 @@ class _Interp:
         mc = np.take(np.take(kmask, out, axis=ro), s, axis=ri)
         foot = np.moveaxis(mc.any(axis=ri, keepdims=True), (ro, *sp), range(1 + len(sp)))
         foot = foot.reshape(foot.shape[: 1 + len(sp)])  # [F, *spatial]
+        if self.lowering == "taps":
+            return self.decide_taps(eqn, eid, layer, kc, mc, kmask, foot, width, s, out, live,
+                                    alive, padding)  # fmt: skip
         convs, order, shapes = [], [], []
         for j, members in enumerate(_footprint_groups(foot, self.group_min_filters)):
             box = np.nonzero(foot[members].any(axis=0))
@@ -682,6 +685,66 @@ class _Interp:
         rep = _Rep(dn.out_spec[1], out.astype(np.int64), fcount, np.zeros(fcount, dtype))
         return {"kind": "gconv", "in_axis": dn.lhs_spec[1], "in_idx": np.asarray(s).tolist(),
                 "convs": convs, "out": [rep.to_json()]}  # fmt: skip
+
+    def decide_taps(self, eqn, eid, layer, kc, mc, kmask, foot, width, s, out, live, alive,
+                    padding):
+        """The tap lowering of a conv (NHWC-like layouts: feature axis last in input and output):
+        the kept filters ordered by footprint group (`_tap_order`) so that the filters keeping
+        each kernel tap form few contiguous runs (one for reference6), then one matmul per tap
+        and run, ``x_padded[shifted, strided window] @ W[tap][:, run]``, each zero-padded to the
+        run's place and summed; exact for any stride. The order is the output's stored order."""
+        dn = eqn.params["dimension_numbers"]
+        ro, ri, sp = dn.rhs_spec[0], dn.rhs_spec[1], tuple(dn.rhs_spec[2:])
+        nd = len(eqn.outvars[0].aval.shape)
+        if tuple(dn.lhs_spec) != tuple(dn.out_spec) or dn.lhs_spec[1] != nd - 1:
+            raise _Fallback
+        groups = _footprint_groups(foot, self.group_min_filters)
+        members = np.concatenate([groups[i] for i in _tap_order(groups, foot)])
+        foot_o, kc_o = foot[members], np.take(kc, members, axis=ro)
+        taps = []
+        for tap in np.ndindex(*foot.shape[1:]):
+            w = kc_o
+            for si in reversed(range(len(sp))):  # highest axis first keeps the others in place
+                w = np.take(w, tap[si], axis=sp[si])
+            w = w if ri < ro else w.T  # [I, F]
+            for lo, hi in _runs(foot_o[(slice(None), *tap)]):
+                self.cvars[f"{eid}.1.{len(taps)}"] = np.ascontiguousarray(w[:, lo:hi])
+                taps.append({"tap": [int(t) for t in tap], "lo": lo, "hi": hi})
+        out = np.asarray(out)[members]
+        self._layer_record(layer, width, s, out, live, alive, kmask, mc, kc, [])
+        self.layer_info[layer.index]["taps"] = len(taps)
+        fcount = layer.out_features
+        dtype = np.dtype(eqn.outvars[0].aval.dtype)
+        rep = _Rep(dn.out_spec[1], out.astype(np.int64), fcount, np.zeros(fcount, dtype))
+        return {"kind": "taps", "in_axis": dn.lhs_spec[1], "in_idx": np.asarray(s).tolist(),
+                "padding": padding, "taps": taps, "out": [rep.to_json()]}  # fmt: skip
+
+    def _exec_taps(self, eqn, x, eid, d, n_out):
+        p = eqn.params
+        sp_axes = tuple(p["dimension_numbers"].lhs_spec[2:])
+        cfg = [(0, 0, 0)] * x.ndim
+        for si, ax in enumerate(sp_axes):
+            cfg[ax] = (int(d["padding"][si][0]), int(d["padding"][si][1]), 0)
+        xp = jax.lax.pad(x, jnp.zeros((), x.dtype), cfg)
+        out_shape = eqn.outvars[0].aval.shape
+        y = None
+        for j, t in enumerate(d["taps"]):
+            start, limit, st = [0] * x.ndim, list(xp.shape), [1] * x.ndim
+            for si, ax in enumerate(sp_axes):
+                stride = int(p["window_strides"][si])
+                start[ax] = t["tap"][si]
+                limit[ax] = start[ax] + (out_shape[ax] - 1) * stride + 1
+                st[ax] = stride
+            xs = jax.lax.slice(xp, start, limit, st)
+            w = jnp.asarray(self.cvars[f"{eid}.1.{j}"])
+            part = jax.lax.dot_general(xs, w, (((x.ndim - 1,), (0,)), ((), ())),
+                                       precision=p.get("precision"))  # fmt: skip
+            pad = [(0, 0, 0)] * (x.ndim - 1) + [(t["lo"], n_out - t["hi"], 0)]
+            part = jax.lax.pad(part, jnp.zeros((), part.dtype), pad)
+            y = part if y is None else y + part
+        if y is None:  # no tap kept at all: the kept filters are all exactly zero
+            y = jnp.zeros((*out_shape[:-1], n_out), x.dtype)
+        return y
 
     def decide_dot(self, eqn, ins, eid, kpos):
         p = eqn.params
@@ -791,6 +854,9 @@ class _Interp:
             axis = p["dimension_numbers"].out_spec[1]
             y = outs[0] if len(outs) == 1 else jax.lax.concatenate(outs, axis)
             return [_A(y, reps[0])]
+        if kind == "taps":
+            x = _expand(ins[0], d["in_axis"], np.asarray(d["in_idx"], np.int64))
+            return [_A(self._exec_taps(eqn, x, eid, d, len(reps[0].idx)), reps[0])]
         if kind == "dot":
             kpos = d["kpos"]
             a = ins[1 - kpos]
@@ -852,6 +918,31 @@ def _footprint_groups(foot: np.ndarray, min_filters: int = 1) -> list[np.ndarray
     if small:
         big.append(np.asarray(sorted(small)))
     return sorted(big, key=lambda g: int(g[0]))
+
+
+def _runs(keep: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs ``[lo, hi)`` of True in a bool vector."""
+    edges = np.diff(np.concatenate([[0], keep.astype(np.int8), [0]]))
+    return [(int(a), int(b)) for a, b in zip(np.nonzero(edges == 1)[0],
+                                             np.nonzero(edges == -1)[0], strict=True)]  # fmt: skip
+
+
+def _tap_order(groups: list[np.ndarray], foot: np.ndarray) -> list[int]:
+    """An order of the footprint `groups` minimising the number of contiguous filter runs summed
+    over kernel taps (every order of up to 7 groups is tried; more keep their order). For
+    reference6 the minimum is one run per tap: right column, right two columns, full, bottom two
+    rows, bottom row (or its reverse)."""
+    import itertools
+
+    gfoot = np.stack([foot[g].any(axis=0).reshape(-1) for g in groups])  # [G, taps]
+    if len(groups) > 7:
+        return list(range(len(groups)))
+
+    def n_runs(order):
+        m = gfoot[list(order)]
+        return int(np.sum(m[0]) + np.sum(m[1:] & ~m[:-1]))
+
+    return list(min(itertools.permutations(range(len(groups))), key=n_runs))
 
 
 class _Fallback(Exception):

@@ -124,3 +124,28 @@ def test_footprint_groups_and_expand_any_order():
     a = C._A(val, C._Rep(1, np.asarray([2, 0, 3]), 5, np.full(5, -1.0, np.float32)))
     full = np.asarray(C._full(a))
     np.testing.assert_array_equal(full[0, :, 0], [2.0, -1.0, 0.0, 4.0, -1.0])
+
+
+def test_taps_lowering_one_matmul_per_tap_and_export(tmp_path):
+    """lowering="taps": nine shifted matmuls per 3x3 conv on contiguous filter runs (reference6's
+    patterns admit one run per tap), strided convs included; equal after save/load."""
+    model, v, x, graph, fwd = setup("resnet8_tiny")
+    masks = random_pattern_masks(graph, v, seed=6, low=0)
+    fn, cv, info = C.compact(model.apply, v, graph, masks, x, lowering="taps")
+    tapped = [d for d in info["layers"] if "taps" in d]
+    assert tapped and all(d["taps"] <= 9 for d in tapped)
+    C.save_compact(tmp_path / "t", cv, info)
+    fn2, cv2, _ = C.load_compact(tmp_path / "t", model.apply)
+    xb = jax.random.normal(jax.random.key(8), (3, *x.shape[1:]))
+    ref = fwd(masking.apply_masks(v, masks), xb)
+    np.testing.assert_allclose(np.asarray(fn2(cv2, xb)), np.asarray(ref), atol=1e-4, rtol=0)
+    # the reference6 order: every tap's filters form one contiguous run
+    foot = np.zeros((5, 3, 3), bool)
+    for i, (rows, cols) in enumerate([((0, 3), (2, 3)), ((2, 3), (0, 3)), ((0, 3), (1, 3)),
+                                      ((1, 3), (0, 3)), ((0, 3), (0, 3))]):  # fmt: skip
+        foot[i, slice(*rows), slice(*cols)] = True
+    groups = [np.asarray([i]) for i in range(5)]
+    order = C._tap_order(groups, foot)
+    runs = [C._runs(foot[order][:, r, c]) for r in range(3) for c in range(3)]
+    assert all(len(r) == 1 for r in runs)
+    assert order in ([0, 2, 4, 3, 1], [1, 3, 4, 2, 0])  # right col, right two, full, ... bottom row
