@@ -169,12 +169,14 @@ def bisect_pattern_rate(graph, variables, target, iters=10, seed=0):
     return best
 
 
-def bench_patterns(name, batches, target, repeats, min_widths=(0,)):
+def bench_patterns(name, batches, target, repeats, min_widths=(0,), taps_min_width=128):
     """Random reference6 patterns at ~`target` true FLOPs reduction: dense vs masked vs compact
     (filter lowering: removed filters gone, 3x3 kernels with zeros; also with align=16, the CPU
     export default) vs grouped (one cropped conv
     per pattern group; one variant per ``group_min_width``; ``grouped_nc``: the same with the
-    coupled residual convs on the filter lowering, so no add gathers), timed round-robin. Returns one row
+    coupled residual convs on the filter lowering, so no add gathers; ``taps``: one shifted
+    matmul per kernel tap and filter run, on every conv and, ``taps_w<N>``, only on convs of at
+    least `taps_min_width` kept filters), timed round-robin. Returns one row
     per batch: dense_ms, masked_ms, compact_ms, grouped_ms (first min width), grouped_ms_by_width,
     max_abs_err (grouped vs masked), flops_ratio, share = ((dense - grouped) / dense) / (1 -
     flops_ratio)."""
@@ -203,6 +205,10 @@ def bench_patterns(name, batches, target, repeats, min_widths=(0,)):
     nc = compaction.compact(model.apply, v, graph, masks, x1, lowering="grouped",
                             group_min_width=min_widths[0], group_coupled=False)  # fmt: skip
     named["grouped_nc"] = (nc[0], nc[1])  # coupled (residual) convs on the filter lowering
+    taps = {w: compaction.compact(model.apply, v, graph, masks, x1, lowering="taps",
+                                  group_min_width=w) for w in (0, taps_min_width)}  # fmt: skip
+    named["taps"] = (taps[0][0], taps[0][1])
+    named[f"taps_w{taps_min_width}"] = (taps[taps_min_width][0], taps[taps_min_width][1])
     print(f"\n## {name}: random reference6 patterns (q={q:.3f}), true FLOPs reduction {red:.3f}; "
           f"stored params dense {comp[2]['dense_stored_params']} compact "
           f"{comp[2]['stored_params']} grouped "
@@ -217,14 +223,17 @@ def bench_patterns(name, batches, target, repeats, min_widths=(0,)):
         ref = np.asarray(jax.jit(dense_apply)(masked_v, x))
         w0 = min_widths[0]
         err = max(float(np.abs(np.asarray(g[0](g[1], x)) - ref).max())
-                  for g in [*grouped.values(), nc])  # fmt: skip
+                  for g in [*grouped.values(), nc, *taps.values()])  # fmt: skip
         t = {k: r[k]["median_ms"] for k in named}
         share = (t["dense"] - t[f"grouped_w{w0}"]) / t["dense"] / (1 - ratio)
         rows.append({"model": name, "batch": b, "dense_ms": t["dense"], "masked_ms": t["masked"],
                      "compact_ms": t["compact"], "compact_a16_ms": t["compact_a16"],
                      "grouped_ms": t[f"grouped_w{w0}"], "grouped_uncoupled_ms": t["grouped_nc"],
+                     "taps_ms": t["taps"], "taps_wide_ms": t[f"taps_w{taps_min_width}"],
+                     "taps_min_width": taps_min_width,
                      "grouped_ms_by_min_width": {str(w): t[f"grouped_w{w}"] for w in grouped},
-                     "max_abs_err": err, "flops_ratio": ratio, "share": share, "q": q,
+                     "max_abs_err": err, "flops_ratio": ratio, "share": share, "share_taps_wide":
+                     (t["dense"] - t[f"taps_w{taps_min_width}"]) / t["dense"] / (1 - ratio), "q": q,
                      "repeats": n})  # fmt: skip
         print(f"{b:5d} " + " ".join(f"{t[k]:12.2f}" for k in named) + f"   {err:.1e}   "
               f"{share:.2f}")  # fmt: skip
@@ -367,12 +376,15 @@ def main(argv=None) -> None:
                    help="which tables to run (default all)")
     p.add_argument("--group-min-width", nargs="+", type=int, default=[0],
                    help="compact(lowering='grouped', group_min_width=N) variants to time")
+    p.add_argument("--taps-min-width", type=int, default=128,
+                   help="the taps_w<N> variant: compact(lowering='taps', group_min_width=N)")
     args = p.parse_args(argv)
     header("latency: dense vs masked vs compacted")
     out = {}
     if "patterns" in args.parts:
         out["patterns"] = [row for name in args.models for row in bench_patterns(
-            name, args.batches, args.target, args.repeats, tuple(args.group_min_width))]
+            name, args.batches, args.target, args.repeats, tuple(args.group_min_width),
+            args.taps_min_width)]
     if "grouped_layer" in args.parts:
         out["grouped_layer"] = bench_grouped_layer(max(3, args.repeats // 2))
     if "structured" in args.parts:
