@@ -31,9 +31,17 @@ represents every activation by its *kept* channels along one feature axis:
   permutation is folded into the consumers (BN/bias/kernel input rows are sliced on the host in
   that order), with no runtime gather, except where an elementwise op (a residual add) meets
   operands stored in different orders: the widest operand's order wins and the others are
-  gathered into it (`_union_order`). On XLA:CPU this lowering is SLOWER than the filter lowering
-  at every width measured (thin convs cost about a full SIMD vector each; experiments/RESULTS.md),
-  so "filters" stays the default; it is the mode to measure on accelerators.
+  gathered into it (`_union_order`); ``group_coupled=False`` keeps the coupled convs on the
+  filter lowering instead (no gathers). On XLA:CPU this lowering is SLOWER than the filter
+  lowering at every width measured (thin convs cost about a full SIMD vector each;
+  experiments/RESULTS.md "Pattern-grouped execution"), so "filters" stays the default.
+* ``lowering="taps"``: the same footprint groups, ordered (`_tap_order`) so that the filters
+  keeping each kernel tap are as few contiguous runs as possible (ONE run per tap for reference6:
+  right column, right two columns, full, bottom two rows, bottom row), and the conv becomes one
+  matmul per tap and run on a shifted, strided window of the padded input, zero-padded to the
+  run's place and summed (NHWC-like layouts; others fall back to the full op). FLOPs equal the
+  masked kernel's; on XLA:CPU it beats the dense conv only on wide layers (>= ~128 kept
+  filters: `group_min_width` leaves thinner convs on the filter lowering).
 * elementwise ops take the union of their operands' kept channels (a residual-stream channel is
   dropped only where EVERY addend is dropped; sorted, or in the widest operand's order); per-channel parameter operands (BN, biases) are
   sliced, and the fill is pushed through the op (so ``(0 - mean) * 0 + 0`` stays exactly 0);
@@ -1091,9 +1099,10 @@ def compact(
       lowering: "filters" (every kept filter of a conv in one conv, kernels cropped only where
         ALL kept filters allow) or "grouped" (a conv of at least `group_min_width` kept filters
         becomes one cropped conv per group of filters with the same spatial footprint, outputs
-        concatenated, the permutation folded into the consumers; see module docstring).
-      group_min_width: conv layers with fewer kept filters stay one conv under "grouped" (0 =
-        group every conv).
+        concatenated, the permutation folded into the consumers) or "taps" (one matmul per
+        kernel tap on the contiguous filters keeping it); see the module docstring.
+      group_min_width: conv layers with fewer kept filters keep the filter lowering under
+        "grouped" and "taps" (0 = every conv).
       group_min_filters: footprint groups of fewer filters are merged into one bounding-box conv.
       group_coupled: also group the convs of coupled (residual-summed) groups; their permuted
         outputs are gathered into one order at each add. False = those convs keep the filter
