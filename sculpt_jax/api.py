@@ -444,7 +444,8 @@ def compact(result: PruneResult | FinetuneResult, sample_input: Any = None, *, a
     ``compact_apply_fn(compact_variables, x)`` is jitted and equals the masked model's output for
     any batch (`compaction.compact`: removed filters and channels gone, kernels cropped; `align`
     pads stored widths to a multiple; ``lowering="grouped"`` runs one cropped conv per pattern
-    group, slower than "filters" on XLA:CPU). `sample_input` defaults to the shape the model was
+    group, ``"taps"`` one matmul per kernel tap; both slower than "filters" on XLA:CPU for
+    CIFAR-width layers). `sample_input` defaults to the shape the model was
     pruned on.
     """
     x = result.sample_input if sample_input is None else sample_input
