@@ -32,16 +32,18 @@ represents every activation by its *kept* channels along one feature axis:
   that order), with no runtime gather, except where an elementwise op (a residual add) meets
   operands stored in different orders: the widest operand's order wins and the others are
   gathered into it (`_union_order`); ``group_coupled=False`` keeps the coupled convs on the
-  filter lowering instead (no gathers). On XLA:CPU this lowering is SLOWER than the filter
-  lowering at every width measured (thin convs cost about a full SIMD vector each;
-  experiments/RESULTS.md "Pattern-grouped execution"), so "filters" stays the default.
+  filter lowering instead (no gathers). On XLA:CPU this lowering is 2-5x slower than dense on
+  CIFAR ResNets (16-64 channels: thin per-group convs cost about a full one) and mixed on VGG-16
+  (1.3x faster than the filter lowering at batch 1, 1.14x slower at 256; experiments/RESULTS.md
+  "Pattern-grouped execution"), so "filters" stays the default.
 * ``lowering="taps"``: the same footprint groups, ordered (`_tap_order`) so that the filters
   keeping each kernel tap are as few contiguous runs as possible (ONE run per tap for reference6:
   right column, right two columns, full, bottom two rows, bottom row), and the conv becomes one
   matmul per tap and run on a shifted, strided window of the padded input, zero-padded to the
   run's place and summed (NHWC-like layouts; others fall back to the full op). FLOPs equal the
-  masked kernel's; on XLA:CPU it beats the dense conv only on wide layers (>= ~128 kept
-  filters: `group_min_width` leaves thinner convs on the filter lowering).
+  masked kernel's; on XLA:CPU it pays only on wide layers: with ``group_min_width=128`` (thinner
+  convs on the filter lowering) a pattern-pruned VGG-16 ran 1.8-2.1x faster than the filter
+  lowering, while on 16-32 channels one tap-lowered conv is ~3x a dense one.
 * elementwise ops take the union of their operands' kept channels (a residual-stream channel is
   dropped only where EVERY addend is dropped; sorted, or in the widest operand's order); per-channel parameter operands (BN, biases) are
   sliced, and the fill is pushed through the op (so ``(0 - mean) * 0 + 0`` stays exactly 0);
