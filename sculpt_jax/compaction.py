@@ -40,7 +40,7 @@ represents every activation by its *kept* channels along one feature axis:
   keeping each kernel tap are as few contiguous runs as possible (ONE run per tap for reference6:
   right column, right two columns, full, bottom two rows, bottom row), and the conv becomes one
   matmul per tap and run on a shifted, strided window of the padded input, zero-padded to the
-  run's place and summed (NHWC-like layouts; others fall back to the full op). FLOPs equal the
+  run's place and summed (NHWC-like layouts; others keep the filter lowering). FLOPs equal the
   masked kernel's; on XLA:CPU it pays only on wide layers: with ``group_min_width=128`` (thinner
   convs on the filter lowering) a pattern-pruned VGG-16 ran 1.8-2.1x faster than the filter
   lowering, while on 16-32 channels one tap-lowered conv is ~3x a dense one.
@@ -622,8 +622,9 @@ class _Interp:
             out = np.asarray([0])
             s = out if g > 1 else s
         padding = [list(x) for x in p["padding"]] if not isinstance(p["padding"], str) else None
+        feature_last = tuple(dn.lhs_spec) == tuple(dn.out_spec) and lf == k.ndim - 1
         if (g == 1 and self.lowering != "filters" and len(out) >= self.group_min_width
-                and li not in self.ungrouped
+                and li not in self.ungrouped and (self.lowering != "taps" or feature_last)
                 and padding is not None and all(d == 1 for d in p["rhs_dilation"])
                 and all(d == 1 for d in p["lhs_dilation"])):  # fmt: skip
             return self.decide_gconv(eqn, eid, layer, k, kmask, width, s, out, live, alive,
@@ -702,12 +703,10 @@ class _Interp:
         the kept filters ordered by footprint group (`_tap_order`) so that the filters keeping
         each kernel tap form few contiguous runs (one for reference6), then one matmul per tap
         and run, ``x_padded[shifted, strided window] @ W[tap][:, run]``, each zero-padded to the
-        run's place and summed; exact for any stride. The order is the output's stored order."""
+        run's place and summed; exact for any stride. The order is the output's stored order.
+        Other layouts keep the filter lowering (`decide_conv`)."""
         dn = eqn.params["dimension_numbers"]
         ro, ri, sp = dn.rhs_spec[0], dn.rhs_spec[1], tuple(dn.rhs_spec[2:])
-        nd = len(eqn.outvars[0].aval.shape)
-        if tuple(dn.lhs_spec) != tuple(dn.out_spec) or dn.lhs_spec[1] != nd - 1:
-            raise _Fallback
         groups = _footprint_groups(foot, self.group_min_filters)
         members = np.concatenate([groups[i] for i in _tap_order(groups, foot)])
         foot_o, kc_o = foot[members], np.take(kc, members, axis=ro)
