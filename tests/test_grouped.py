@@ -17,20 +17,25 @@ CNNS = ["resnet8_tiny", "vgg_tiny", "mobilenet_v1_tiny", "mobilenet_v2_tiny", "r
 
 def _grouped(name, masks, **kw):
     model, v, x, graph, fwd = setup(name)
-    fn, cv, info = C.compact(model.apply, v, graph, masks, x, lowering="grouped", **kw)
+    kw.setdefault("lowering", "grouped")
+    fn, cv, info = C.compact(model.apply, v, graph, masks, x, **kw)
     return fn, cv, info, fwd(masking.apply_masks(v, masks), x)
 
 
-@pytest.mark.parametrize("name", CNNS)
-def test_grouped_equals_masked_with_removed_filters(name):
+@pytest.mark.parametrize("name, lowering", [(n, "grouped") for n in CNNS]
+                         + [("resnet50_tiny", "taps")])  # fmt: skip
+def test_grouped_equals_masked_with_removed_filters(name, lowering):
     _, v, x, graph, fwd = setup(name)
     masks = random_pattern_masks(graph, v, seed=0, low=0)  # ids 0..5: removed filters too
-    fn, cv, info, ref = _grouped(name, masks)
+    fn, cv, info, ref = _grouped(name, masks, lowering=lowering)
     np.testing.assert_allclose(np.asarray(fn(cv, x)), np.asarray(ref), atol=1e-4, rtol=0)
     # counts describe the pruned model whatever the lowering (the documented exact relation)
     assert info["params"] == (
         info["masked_params"] - info["dropped_kernel_entries"] - info["dropped_affine_entries"]
     )
+    if lowering == "taps":
+        assert any("taps" in d for d in info["layers"])
+        return
     grouped = [d for d in info["layers"] if "groups" in d]
     assert grouped, "no conv was grouped"
     for d in grouped:  # the groups hold every kept filter
