@@ -21,7 +21,15 @@ A third part times kernel cropping on one conv (32x32x16 -> 16, batch 256): full
 crop (every filter on pattern 3 = 011/011/011), and a layer with half its filters on pattern 3
 split into two convs (3x2 + 3x3, concatenated) vs the one 3x3 conv that `compact` keeps.
 
+A pattern table (first) draws random reference6 patterns (``random_pattern_masks``) at a rate
+bisected to --target TRUE FLOPs reduction and times dense, masked, compact (filter lowering, align
+1 and 16) and grouped (`compact(lowering="grouped")`) round-robin, one JSON row per model and
+batch (dense_ms, masked_ms, compact_ms, compact_a16_ms, grouped_ms, max_abs_err, flops_ratio,
+share = ((dense_ms - grouped_ms) / dense_ms) / (1 - flops_ratio)). A grouped-layer table times
+one conv under the three lowerings (`bench_grouped_layer`).
+
     python benchmarks/latency.py [--models resnet56 mobilenet_v2] [--batches 1 256] [--align 1 16]
+        [--parts patterns grouped_layer structured widths cropping] [--json PATH]
 """
 
 from __future__ import annotations
@@ -125,6 +133,175 @@ def bench_model(name, batches, target, repeats, aligns=(1,)):
     return rep
 
 
+def random_pattern_masks(graph, variables, q, seed=0):
+    """Random reference6 patterns: every filter of every prunable layer but the head draws, with
+    probability `q`, a uniform id among its layer's valid ones (0 = removed ... 5 = keep-all),
+    else keeps all (5). Host-side numpy draws (a benchmark input, not part of the search)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sculpt_jax import masking, patterns
+
+    lib = patterns.get_library("reference6")
+    rng = np.random.default_rng(seed)
+    ids = {}
+    for li, layer in enumerate(graph.layers[:-1]):
+        valid = np.nonzero(patterns.valid_patterns(layer, lib))[0]
+        f = layer.out_features
+        draw = valid[rng.integers(0, len(valid), f)]
+        ids[li] = jnp.asarray(np.where(rng.random(f) < q, draw, lib.keep_id), jnp.int32)
+    return masking.pattern_ids_to_masks(graph, variables, ids)
+
+
+def bisect_pattern_rate(graph, variables, target, iters=10, seed=0):
+    """(q, masks, true FLOPs reduction) of `random_pattern_masks` nearest `target` by bisection
+    (the same seed for every q, so the reduction grows with q)."""
+    from sculpt_jax import flops
+
+    lo, hi, best = 0.0, 1.0, None
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        m = random_pattern_masks(graph, variables, mid, seed)
+        red = float(flops.count_exact(graph, m)["flops_reduction"])
+        if best is None or abs(red - target) < abs(best[2] - target):
+            best = (mid, m, red)
+        lo, hi = (mid, hi) if red < target else (lo, mid)
+    return best
+
+
+def bench_patterns(name, batches, target, repeats, min_widths=(0,), taps_min_width=128):
+    """Random reference6 patterns at ~`target` true FLOPs reduction: dense vs masked vs compact
+    (filter lowering: removed filters gone, 3x3 kernels with zeros; also with align=16, the CPU
+    export default) vs grouped (one cropped conv
+    per pattern group; one variant per ``group_min_width``; ``grouped_nc``: the same with the
+    coupled residual convs on the filter lowering, so no add gathers; ``taps``: one shifted
+    matmul per kernel tap and filter run, on every conv and, ``taps_w<N>``, only on convs of at
+    least `taps_min_width` kept filters), timed round-robin. Returns one row
+    per batch: dense_ms, masked_ms, compact_ms, grouped_ms (first min width), grouped_ms_by_width,
+    max_abs_err (grouped vs masked), flops_ratio, share = ((dense - grouped) / dense) / (1 -
+    flops_ratio)."""
+    import jax
+    import numpy as np
+
+    from sculpt_jax import compaction, masking, trace
+    from sculpt_jax.models import get_model, init_model, model_spec
+
+    spec = model_spec(name)
+    model = get_model(name)
+    v = init_model(model, jax.random.key(0), spec.input_shape)
+    x1 = jax.numpy.zeros((1, *spec.input_shape), jax.numpy.float32)
+    graph = trace.trace_model(model.apply, v, x1)
+    q, masks, red = bisect_pattern_rate(graph, v, target)
+    comp = compaction.compact(model.apply, v, graph, masks, x1)
+    comp16 = compaction.compact(model.apply, v, graph, masks, x1, align=16)
+    grouped = {w: compaction.compact(model.apply, v, graph, masks, x1, lowering="grouped",
+                                     group_min_width=w) for w in min_widths}  # fmt: skip
+    ratio = comp[2]["masked_flops"] / comp[2]["dense_flops"]
+    dense_apply = lambda v_, x_: model.apply(v_, x_, train=False)  # noqa: E731
+    masked_v = masking.apply_masks(v, masks)
+    named = {"dense": (dense_apply, v), "masked": (dense_apply, masked_v),
+             "compact": (comp[0], comp[1]), "compact_a16": (comp16[0], comp16[1])}  # fmt: skip
+    named.update({f"grouped_w{w}": (g[0], g[1]) for w, g in grouped.items()})
+    nc = compaction.compact(model.apply, v, graph, masks, x1, lowering="grouped",
+                            group_min_width=min_widths[0], group_coupled=False)  # fmt: skip
+    named["grouped_nc"] = (nc[0], nc[1])  # coupled (residual) convs on the filter lowering
+    taps = {w: compaction.compact(model.apply, v, graph, masks, x1, lowering="taps",
+                                  group_min_width=w) for w in (0, taps_min_width)}  # fmt: skip
+    named["taps"] = (taps[0][0], taps[0][1])
+    named[f"taps_w{taps_min_width}"] = (taps[taps_min_width][0], taps[taps_min_width][1])
+    print(f"\n## {name}: random reference6 patterns (q={q:.3f}), true FLOPs reduction {red:.3f}; "
+          f"stored params dense {comp[2]['dense_stored_params']} compact "
+          f"{comp[2]['stored_params']} grouped "
+          + ", ".join(f"w{w}: {g[2]['stored_params']}" for w, g in grouped.items())
+          + f" (counted {comp[2]['params']})")  # fmt: skip
+    print("batch " + " ".join(f"{k:>12s}" for k in named) + "   max_abs_err  share (grouped)")
+    rows = []
+    for b in batches:
+        x = jax.random.normal(jax.random.key(b), (b, *spec.input_shape), jax.numpy.float32)
+        n = repeats if b <= 8 else max(3, repeats // 4)
+        r = compaction.measure_latencies(named, x, repeats=n)
+        ref = np.asarray(jax.jit(dense_apply)(masked_v, x))
+        w0 = min_widths[0]
+        err = max(float(np.abs(np.asarray(g[0](g[1], x)) - ref).max())
+                  for g in [*grouped.values(), nc, *taps.values()])  # fmt: skip
+        t = {k: r[k]["median_ms"] for k in named}
+        share = (t["dense"] - t[f"grouped_w{w0}"]) / t["dense"] / (1 - ratio)
+        rows.append({"model": name, "batch": b, "dense_ms": t["dense"], "masked_ms": t["masked"],
+                     "compact_ms": t["compact"], "compact_a16_ms": t["compact_a16"],
+                     "grouped_ms": t[f"grouped_w{w0}"], "grouped_uncoupled_ms": t["grouped_nc"],
+                     "taps_ms": t["taps"], "taps_wide_ms": t[f"taps_w{taps_min_width}"],
+                     "taps_min_width": taps_min_width,
+                     "grouped_ms_by_min_width": {str(w): t[f"grouped_w{w}"] for w in grouped},
+                     "max_abs_err": err, "flops_ratio": ratio, "share": share, "share_taps_wide":
+                     (t["dense"] - t[f"taps_w{taps_min_width}"]) / t["dense"] / (1 - ratio), "q": q,
+                     "repeats": n})  # fmt: skip
+        print(f"{b:5d} " + " ".join(f"{t[k]:12.2f}" for k in named) + f"   {err:.1e}   "
+              f"{share:.2f}")  # fmt: skip
+    return rows
+
+
+def bench_grouped_layer(repeats):
+    """One 3x3 conv (+ scale + relu) whose filters are split evenly over the five non-empty
+    reference6 patterns, three lowerings of the same function, median ms: ``dense`` (one 3x3
+    conv, the masked/filter lowering), ``grouped`` (one cropped conv per pattern: 3x1, 3x2, 3x3,
+    2x3, 1x3, outputs concatenated: `compact(lowering="grouped")`) and ``taps`` (nine shifted 1x1
+    matmuls, each on the contiguous filter range keeping that tap in the order right column, right
+    two columns, full, bottom two rows, bottom row; 0.6x the FLOPs, like grouped)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sculpt_jax.compaction import measure_latencies
+
+    dn = ("NHWC", "HWIO", "NHWC")
+    taps_of = {(3, 1): [(r, 2) for r in range(3)], (3, 2): [(r, c) for r in range(3) for c in (1, 2)],
+               (3, 3): [(r, c) for r in range(3) for c in range(3)],
+               (2, 3): [(r, c) for r in (1, 2) for c in range(3)], (1, 3): [(2, c) for c in range(3)]}
+    pads = {s: ((1 - min(r for r, _ in t), 1), (1 - min(c for _, c in t), 1))
+            for s, t in taps_of.items()}  # fmt: skip
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), pads[w.shape[:2]], dimension_numbers=dn)
+
+    out = {}
+    print("\n## one 3x3 conv, filters split evenly over reference6's 5 non-empty patterns (median ms)")
+    for hw, c, b in ((32, 16, 256), (16, 32, 256), (8, 64, 256), (8, 256, 64), (32, 16, 1)):
+        k = jax.random.key(0)
+        x = jax.random.normal(k, (b, hw, hw, c))
+        n = [c // 5] * 4 + [c - 4 * (c // 5)]
+        off = np.cumsum([0] + n)
+        ws = [jax.random.normal(k, (*s, c, m)) for s, m in zip(taps_of, n, strict=True)]
+        ranges = {}
+        for t in taps_of[(3, 3)]:
+            gs = [i for i, s in enumerate(taps_of) if t in taps_of[s]]  # contiguous by the order
+            ranges[t] = (int(off[gs[0]]), int(off[gs[-1] + 1]))
+        wt = {t: jax.random.normal(k, (c, hi - lo)) for t, (lo, hi) in ranges.items()}
+
+        def dense(w, x):
+            return jax.nn.relu(conv(x, w) * 1.1)
+
+        def grouped(ws, x):
+            return jax.nn.relu(jnp.concatenate([conv(x, w) for w in ws], -1) * 1.1)
+
+        def taps(wt, x, ranges=ranges, hw=hw, c=c):
+            xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            y = 0
+            for (r, cc), (lo, hi) in ranges.items():
+                part = xp[:, r : r + hw, cc : cc + hw, :] @ wt[(r, cc)]
+                y = y + jnp.pad(part, ((0, 0), (0, 0), (0, 0), (lo, c - hi)))
+            return jax.nn.relu(y * 1.1)
+
+        w33 = jax.random.normal(k, (3, 3, c, c))
+        r = measure_latencies({"dense": (dense, w33), "grouped": (grouped, ws), "taps": (taps, wt)},
+                              x, repeats=repeats if b > 1 else 5 * repeats)  # fmt: skip
+        row = {k_: v["median_ms"] for k_, v in r.items()}
+        out[f"{hw}x{hw}x{c} b{b}"] = row
+        print(f"{hw}x{hw} {c}->{c} batch {b}: dense {row['dense']:.2f}  grouped "
+              f"{row['grouped']:.2f} ({row['grouped'] / row['dense']:.2f}x)  taps {row['taps']:.2f} "
+              f"({row['taps'] / row['dense']:.2f}x)  groups {n}")  # fmt: skip
+    return out
+
+
 def bench_widths(repeats):
     import jax
     import jax.numpy as jnp
@@ -183,6 +360,9 @@ def bench_cropping(batch, repeats):
     return {"full": full, "crop": crop, "split": sp}
 
 
+PARTS = ("patterns", "grouped_layer", "structured", "widths", "cropping")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=["resnet56", "mobilenet_v2"])
@@ -192,13 +372,28 @@ def main(argv=None) -> None:
     p.add_argument("--align", nargs="+", type=int, default=[1, 16],
                    help="compact(align=N) variants to time (1 = no padding)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="which tables to run (default all)")
+    p.add_argument("--group-min-width", nargs="+", type=int, default=[0],
+                   help="compact(lowering='grouped', group_min_width=N) variants to time")
+    p.add_argument("--taps-min-width", type=int, default=128,
+                   help="the taps_w<N> variant: compact(lowering='taps', group_min_width=N)")
     args = p.parse_args(argv)
     header("latency: dense vs masked vs compacted")
     out = {}
-    for name in args.models:
-        out[name] = bench_model(name, args.batches, args.target, args.repeats, args.align)
-    out["widths"] = bench_widths(max(5, args.repeats // 2))
-    out["cropping"] = bench_cropping(max(args.batches), max(3, args.repeats // 4))
+    if "patterns" in args.parts:
+        out["patterns"] = [row for name in args.models for row in bench_patterns(
+            name, args.batches, args.target, args.repeats, tuple(args.group_min_width),
+            args.taps_min_width)]
+    if "grouped_layer" in args.parts:
+        out["grouped_layer"] = bench_grouped_layer(max(3, args.repeats // 2))
+    if "structured" in args.parts:
+        for name in args.models:
+            out[name] = bench_model(name, args.batches, args.target, args.repeats, args.align)
+    if "widths" in args.parts:
+        out["widths"] = bench_widths(max(5, args.repeats // 2))
+    if "cropping" in args.parts:
+        out["cropping"] = bench_cropping(max(args.batches), max(3, args.repeats // 4))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

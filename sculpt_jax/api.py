@@ -459,13 +459,16 @@ def finetune(
 
 
 def compact(result: PruneResult | FinetuneResult, sample_input: Any = None, *, align: int = 1,
-            crop: bool = True) -> tuple[Callable, dict, dict]:  # fmt: skip
+            crop: bool = True, lowering: str = "filters") -> tuple[Callable, dict, dict]:  # fmt: skip
     """The physically smaller model of a result: ``(compact_apply_fn, compact_variables, info)``.
 
     ``compact_apply_fn(compact_variables, x)`` is jitted and equals the masked model's output for
     any batch (`compaction.compact`: removed filters and channels gone, kernels cropped; `align`
-    pads stored widths to a multiple). `sample_input` defaults to the shape the model was pruned on.
+    pads stored widths to a multiple; ``lowering="grouped"`` runs one cropped conv per pattern
+    group, ``"taps"`` one matmul per kernel tap; both slower than "filters" on XLA:CPU for
+    CIFAR-width layers). `sample_input` defaults to the shape the model was
+    pruned on.
     """
     x = result.sample_input if sample_input is None else sample_input
     return compaction.compact(result.apply_fn, result.variables, result.graph, result.masks, x,
-                              crop=crop, align=align)  # fmt: skip
+                              crop=crop, align=align, lowering=lowering)  # fmt: skip

@@ -5,10 +5,11 @@ with the same outputs, without any per-model code: it re-interprets the jaxpr of
 ``apply_fn(variables, x, train=False)`` (params as jaxpr inputs, as `trace.trace_model` does) and
 represents every activation by its *kept* channels along one feature axis:
 
-* an activation value is ``(compact array, rep)`` where ``rep`` = (feature axis, sorted kept channel
-  indices ``idx`` of the full width ``C``, ``fill`` [C]): every dropped channel is known to be the
-  constant ``fill[c]`` at every position (0 after a removed filter: its kernel, bias and BN
-  scale/bias are zero, `masking.pattern_ids_to_masks`). ``rep = None`` means "full width".
+* an activation value is ``(compact array, rep)`` where ``rep`` = (feature axis, kept channel
+  indices ``idx`` of the full width ``C`` in the order they are stored (sorted except after a
+  grouped conv), ``fill`` [C]): every dropped channel is known to be the constant ``fill[c]`` at
+  every position (0 after a removed filter: its kernel, bias and BN scale/bias are zero,
+  `masking.pattern_ids_to_masks`). ``rep = None`` means "full width".
 * a prunable conv / dense (kernel = a `LayerGraph` kernel leaf) reads only the input channels that
   are kept or have a nonzero fill (dead input features are dropped together with the kernel entries
   reading them) and writes only its alive filters (`flops.alive_features`); a depthwise conv keeps
@@ -16,8 +17,35 @@ represents every activation by its *kept* channels along one feature axis:
   Kernel rows/columns that are zero in every kept filter (row/column patterns shared by all alive
   filters, e.g. reference6 pattern 3 = 011/011/011) are cropped (3x3 -> 3x2) with the padding
   shifted, when the padding stays >= 0 and the conv is not dilated.
+* ``lowering="grouped"`` (pattern-grouped execution): a conv (feature_group_count 1, explicit
+  padding, not dilated) instead groups its kept filters by their exact spatial footprint (the taps
+  kept in any input channel) and runs one dense conv per group, its kernel cropped to the group's
+  bounding box with the padding shifted by the crop (negative padding crops the input; exact for
+  any stride). Reference6's five non-empty patterns (``patterns.py``: 001/001/001, 000/000/111,
+  011/011/011, 000/111/111, full) become 3x1, 1x3, 3x2, 2x3 and 3x3 convs that store only masked
+  entries; any library whose per-filter footprints are rectangles is covered the same way, and a
+  non-rectangular footprint (figure8 per-kernel patterns: the union over input channels) runs as
+  its bounding box with zeros (still exact). ViT region patterns have no spatial kernel: their
+  dense layers keep the filter lowering (masked-only beyond filter removal). The group outputs are
+  concatenated in group order, which is simply the activation's stored ``idx`` order: the
+  permutation is folded into the consumers (BN/bias/kernel input rows are sliced on the host in
+  that order), with no runtime gather, except where an elementwise op (a residual add) meets
+  operands stored in different orders: the widest operand's order wins and the others are
+  gathered into it (`_union_order`); ``group_coupled=False`` keeps the coupled convs on the
+  filter lowering instead (no gathers). On XLA:CPU this lowering is 2-5x slower than dense on
+  CIFAR ResNets (16-64 channels: thin per-group convs cost about a full one) and mixed on VGG-16
+  (1.3x faster than the filter lowering at batch 1, 1.14x slower at 256; experiments/RESULTS.md
+  "Pattern-grouped execution"), so "filters" stays the default.
+* ``lowering="taps"``: the same footprint groups, ordered (`_tap_order`) so that the filters
+  keeping each kernel tap are as few contiguous runs as possible (ONE run per tap for reference6:
+  right column, right two columns, full, bottom two rows, bottom row), and the conv becomes one
+  matmul per tap and run on a shifted, strided window of the padded input, zero-padded to the
+  run's place and summed (NHWC-like layouts; others keep the filter lowering). FLOPs equal the
+  masked kernel's; on XLA:CPU it pays only on wide layers: with ``group_min_width=128`` (thinner
+  convs on the filter lowering) a pattern-pruned VGG-16 ran 1.8-2.1x faster than the filter
+  lowering, while on 16-32 channels one tap-lowered conv is ~3x a dense one.
 * elementwise ops take the union of their operands' kept channels (a residual-stream channel is
-  dropped only where EVERY addend is dropped); per-channel parameter operands (BN, biases) are
+  dropped only where EVERY addend is dropped; sorted, or in the widest operand's order); per-channel parameter operands (BN, biases) are
   sliced, and the fill is pushed through the op (so ``(0 - mean) * 0 + 0`` stays exactly 0);
   structural ops (reshape, transpose, broadcast, slice, pad (option-A shortcuts pad the channel axis:
   new channels are dropped with fill 0), concatenate, reductions and pooling over other axes) keep the
@@ -37,7 +65,9 @@ kernel entries of alive filters that read dead input features (their input is ex
 compaction drops them) and ``dropped_affine_entries`` belong to alive filters whose output is zero
 anyway (a depthwise filter on a dead channel). Without removed filters both are 0 and ``params``
 equals ``masked_params``. ``stored_params`` counts every stored compact entry (kernels include the
-zeros of patterns that could not be cropped; BN statistics are folded in).
+zeros of patterns that could not be cropped; BN statistics are folded in); under the grouped
+lowering a reference6 model stores no kernel zeros at all (per-layer ``groups`` lists the group
+kernels' shapes).
 
 Host-only: `compact`, `auto_align`, `save_compact`, `load_compact`, `measure_latency`,
 `measure_latencies`, `latency_report`. The returned ``compact_apply_fn`` is jittable. Sections:
@@ -66,6 +96,7 @@ from sculpt_jax.tree_util import flatten_with_paths, path_of
 from sculpt_jax.types import LayerGraph
 
 __all__ = [
+    "LOWERINGS",
     "auto_align",
     "compact",
     "latency_report",
@@ -75,6 +106,7 @@ __all__ = [
     "save_compact",
 ]
 
+LOWERINGS = ("filters", "grouped", "taps")
 _CALLS = {
     "jit": "jaxpr",
     "pjit": "jaxpr",
@@ -114,7 +146,7 @@ class _Rep:
     """Static layout of a compact activation (see module docstring)."""
 
     axis: int
-    idx: np.ndarray  # int64 [k], sorted kept channels
+    idx: np.ndarray  # int64 [k], kept channels in storage order (unique, not always sorted)
     width: int
     fill: np.ndarray  # [width], value of every dropped channel
 
@@ -170,11 +202,11 @@ def _expand(a: _A, axis: int, target: np.ndarray):
         return jnp.take(a.val, target, axis=axis)
     if r.axis != axis:
         raise CompactError("internal: expanding along the wrong axis")
-    pos = np.searchsorted(r.idx, target)
-    pos_c = np.clip(pos, 0, max(len(r.idx) - 1, 0))
-    present = (
-        (pos < len(r.idx)) & (r.idx[pos_c] == target) if len(r.idx) else np.zeros(len(target), bool)
-    )
+    inv = np.full(r.width, -1, np.int64)  # idx may be in any order (grouped convs permute)
+    inv[r.idx] = np.arange(len(r.idx))
+    pos = inv[target]
+    present = pos >= 0
+    pos_c = np.where(present, pos, 0)
     if present.all() and np.array_equal(pos, np.arange(len(r.idx))):
         return a.val
     padded = _expand_by_pad(a.val, axis, pos, present, r.fill[target])
@@ -238,6 +270,20 @@ def _full(a: _A):
     return _expand(a, a.rep.axis, np.arange(a.rep.width))
 
 
+def _union_order(idxs: list[np.ndarray]) -> np.ndarray:
+    """The kept channels of an elementwise op on operands kept at `idxs`: their union, sorted when
+    every operand is sorted (the filter lowering), else in the order of the widest operand with
+    the others' extra channels after it, so that operand is read without a gather and the others
+    are gathered into its order (a residual add of two differently permuted grouped convs)."""
+    if all(np.all(np.diff(i) > 0) for i in idxs):
+        return np.unique(np.concatenate(idxs))
+    base = max(idxs, key=len)
+    if all(len(i) == len(base) and np.array_equal(i, base) for i in idxs):
+        return base
+    rest = np.concatenate(idxs)
+    return np.concatenate([base, np.unique(rest[~np.isin(rest, base)])]).astype(np.int64)
+
+
 def _const_along(v: np.ndarray, keep_axis: int | None) -> np.ndarray | None:
     """`v` reduced (keepdims) along every axis but `keep_axis` where constant; None if not."""
     out = v
@@ -277,7 +323,8 @@ def _shape_with(shape, axis, n):
 class _Interp:
     def __init__(self, *, record: bool, plan: dict, cvars: dict, layers_by_kernel=None,
                  filter_alive=None, kernel_masks=None, crop: bool = True,
-                 align: int = 1):  # fmt: skip
+                 align: int = 1, lowering: str = "filters", group_min_width: int = 0,
+                 group_min_filters: int = 1, ungrouped: frozenset = frozenset()):  # fmt: skip
         self.record = record
         self.plan = plan
         self.cvars = cvars
@@ -286,6 +333,10 @@ class _Interp:
         self.kernel_masks = kernel_masks or {}
         self.crop = crop
         self.align = int(align)
+        self.lowering = lowering
+        self.group_min_width = int(group_min_width)
+        self.group_min_filters = int(group_min_filters)
+        self.ungrouped = ungrouped  # layer indices kept on the filter lowering
         self.eid = 0  # equations on activations: keys of the plan and of compact_variables
         self.pid = 0  # parameter-only equations: keys of `pvals` (see `_param_pass`)
         self.layer_info: dict[int, dict] = {}
@@ -445,7 +496,7 @@ class _Interp:
             else:
                 raise _Fallback
             red[j] = r
-        idx = np.unique(np.concatenate([a.rep.idx for a in acts]))
+        idx = _union_order([a.rep.idx for a in acts])
         fill = _np_elementwise(eqn, vecs)
         for j, r in red.items():
             if r.ndim and r.shape[axis] == width:
@@ -533,7 +584,7 @@ class _Interp:
         if r is None or r.axis != feat:
             return np.arange(width)
         nz = np.nonzero((r.fill != 0) & r.dropped())[0]
-        return np.unique(np.concatenate([r.idx, nz]))
+        return np.concatenate([r.idx, nz])  # the stored order first: no gather to read it
 
     def decide_conv(self, eqn, ins, eid):
         p = eqn.params
@@ -561,7 +612,7 @@ class _Interp:
             inset = np.zeros(width, bool)
             inset[need] = True
             live = alive & inset
-            out = np.nonzero(live)[0]
+            out = need[live[need]]  # in the input's stored order: read without a gather
             s = out
         else:
             live = np.ones(fcount, bool)
@@ -570,6 +621,14 @@ class _Interp:
         if len(out) == 0:
             out = np.asarray([0])
             s = out if g > 1 else s
+        padding = [list(x) for x in p["padding"]] if not isinstance(p["padding"], str) else None
+        feature_last = tuple(dn.lhs_spec) == tuple(dn.out_spec) and lf == k.ndim - 1
+        if (g == 1 and self.lowering != "filters" and len(out) >= self.group_min_width
+                and li not in self.ungrouped and (self.lowering != "taps" or feature_last)
+                and padding is not None and all(d == 1 for d in p["rhs_dilation"])
+                and all(d == 1 for d in p["lhs_dilation"])):  # fmt: skip
+            return self.decide_gconv(eqn, eid, layer, k, kmask, width, s, out, live, alive,
+                                     padding)  # fmt: skip
         if g == 1:
             out = _aligned(out, fcount, live, self.align)
         kc = np.take(k, out, axis=ro)
@@ -577,7 +636,6 @@ class _Interp:
         if g == 1:
             kc, mc = np.take(kc, s, axis=ri), np.take(mc, s, axis=ri)
         new_g = len(out) if (g > 1 and k.shape[ri] == 1 and g == width == fcount) else g
-        padding = [list(x) for x in p["padding"]] if not isinstance(p["padding"], str) else None
         crop = []
         if (self.crop and padding is not None and all(d == 1 for d in p["rhs_dilation"])
                 and all(d == 1 for d in p["lhs_dilation"])):  # fmt: skip
@@ -600,6 +658,102 @@ class _Interp:
         rep = _Rep(of, np.asarray(out, np.int64), fcount, np.zeros(fcount, dtype))
         return {"kind": "conv", "in_axis": lf, "in_idx": np.asarray(s).tolist(),
                 "groups": int(new_g), "padding": padding, "out": [rep.to_json()]}  # fmt: skip
+
+    def decide_gconv(self, eqn, eid, layer, k, kmask, width, s, out, live, alive, padding):
+        """The grouped lowering of a (feature_group_count 1) conv: its kept filters `out` grouped
+        by their exact spatial footprint (`_footprint_groups`), each group one conv with the
+        kernel cropped to the group's bounding box of taps and the padding shifted by the crop
+        (negative padding = the input cropped; exact for any stride). The group outputs are
+        concatenated in group order, which becomes the activation's stored channel order; its
+        consumers (BN, bias, next kernels' input rows) are sliced in that order on the host."""
+        dn = eqn.params["dimension_numbers"]
+        ro, ri, sp = dn.rhs_spec[0], dn.rhs_spec[1], tuple(dn.rhs_spec[2:])
+        kc = np.take(np.take(k, out, axis=ro), s, axis=ri)
+        mc = np.take(np.take(kmask, out, axis=ro), s, axis=ri)
+        foot = np.moveaxis(mc.any(axis=ri, keepdims=True), (ro, *sp), range(1 + len(sp)))
+        foot = foot.reshape(foot.shape[: 1 + len(sp)])  # [F, *spatial]
+        if self.lowering == "taps":
+            return self.decide_taps(eqn, eid, layer, kc, mc, kmask, foot, width, s, out, live,
+                                    alive, padding)  # fmt: skip
+        convs, order, shapes = [], [], []
+        for j, members in enumerate(_footprint_groups(foot, self.group_min_filters)):
+            box = np.nonzero(foot[members].any(axis=0))
+            kg = np.take(kc, members, axis=ro)
+            pad = [list(pp) for pp in padding]
+            for si, sd in enumerate(sp):
+                lo, hi = int(box[si].min()), int(box[si].max())
+                kg = np.take(kg, np.arange(lo, hi + 1), axis=sd)
+                pad[si] = [pad[si][0] - lo, pad[si][1] - (k.shape[sd] - 1 - hi)]
+            self.cvars[f"{eid}.1.{j}"] = kg
+            convs.append({"padding": pad})
+            order.append(np.asarray(out)[members])
+            shapes.append(list(kg.shape))
+        out = np.concatenate(order)
+        self._layer_record(layer, width, s, out, live, alive, kmask, mc, kc, [])
+        self.layer_info[layer.index]["groups"] = shapes
+        fcount = k.shape[ro]
+        dtype = np.dtype(eqn.outvars[0].aval.dtype)
+        rep = _Rep(dn.out_spec[1], out.astype(np.int64), fcount, np.zeros(fcount, dtype))
+        return {"kind": "gconv", "in_axis": dn.lhs_spec[1], "in_idx": np.asarray(s).tolist(),
+                "convs": convs, "out": [rep.to_json()]}  # fmt: skip
+
+    def decide_taps(self, eqn, eid, layer, kc, mc, kmask, foot, width, s, out, live, alive,
+                    padding):
+        """The tap lowering of a conv (NHWC-like layouts: feature axis last in input and output):
+        the kept filters ordered by footprint group (`_tap_order`) so that the filters keeping
+        each kernel tap form few contiguous runs (one for reference6), then one matmul per tap
+        and run, ``x_padded[shifted, strided window] @ W[tap][:, run]``, each zero-padded to the
+        run's place and summed; exact for any stride. The order is the output's stored order.
+        Other layouts keep the filter lowering (`decide_conv`)."""
+        dn = eqn.params["dimension_numbers"]
+        ro, ri, sp = dn.rhs_spec[0], dn.rhs_spec[1], tuple(dn.rhs_spec[2:])
+        groups = _footprint_groups(foot, self.group_min_filters)
+        members = np.concatenate([groups[i] for i in _tap_order(groups, foot)])
+        foot_o, kc_o = foot[members], np.take(kc, members, axis=ro)
+        taps = []
+        for tap in np.ndindex(*foot.shape[1:]):
+            w = kc_o
+            for si in reversed(range(len(sp))):  # highest axis first keeps the others in place
+                w = np.take(w, tap[si], axis=sp[si])
+            w = w if ri < ro else w.T  # [I, F]
+            for lo, hi in _runs(foot_o[(slice(None), *tap)]):
+                self.cvars[f"{eid}.1.{len(taps)}"] = np.ascontiguousarray(w[:, lo:hi])
+                taps.append({"tap": [int(t) for t in tap], "lo": lo, "hi": hi})
+        out = np.asarray(out)[members]
+        self._layer_record(layer, width, s, out, live, alive, kmask, mc, kc, [])
+        self.layer_info[layer.index]["taps"] = len(taps)
+        fcount = layer.out_features
+        dtype = np.dtype(eqn.outvars[0].aval.dtype)
+        rep = _Rep(dn.out_spec[1], out.astype(np.int64), fcount, np.zeros(fcount, dtype))
+        return {"kind": "taps", "in_axis": dn.lhs_spec[1], "in_idx": np.asarray(s).tolist(),
+                "padding": padding, "taps": taps, "out": [rep.to_json()]}  # fmt: skip
+
+    def _exec_taps(self, eqn, x, eid, d, n_out):
+        p = eqn.params
+        sp_axes = tuple(p["dimension_numbers"].lhs_spec[2:])
+        cfg = [(0, 0, 0)] * x.ndim
+        for si, ax in enumerate(sp_axes):
+            cfg[ax] = (int(d["padding"][si][0]), int(d["padding"][si][1]), 0)
+        xp = jax.lax.pad(x, jnp.zeros((), x.dtype), cfg)
+        out_shape = eqn.outvars[0].aval.shape
+        y = None
+        for j, t in enumerate(d["taps"]):
+            start, limit, st = [0] * x.ndim, list(xp.shape), [1] * x.ndim
+            for si, ax in enumerate(sp_axes):
+                stride = int(p["window_strides"][si])
+                start[ax] = t["tap"][si]
+                limit[ax] = start[ax] + (out_shape[ax] - 1) * stride + 1
+                st[ax] = stride
+            xs = jax.lax.slice(xp, start, limit, st)
+            w = jnp.asarray(self.cvars[f"{eid}.1.{j}"])
+            part = jax.lax.dot_general(xs, w, (((x.ndim - 1,), (0,)), ((), ())),
+                                       precision=p.get("precision"))  # fmt: skip
+            pad = [(0, 0, 0)] * (x.ndim - 1) + [(t["lo"], n_out - t["hi"], 0)]
+            part = jax.lax.pad(part, jnp.zeros((), part.dtype), pad)
+            y = part if y is None else y + part
+        if y is None:  # no tap kept at all: the kept filters are all exactly zero
+            y = jnp.zeros((*out_shape[:-1], n_out), x.dtype)
+        return y
 
     def decide_dot(self, eqn, ins, eid, kpos):
         p = eqn.params
@@ -700,6 +854,18 @@ class _Interp:
             if d["padding"] is not None:
                 p["padding"] = tuple(tuple(int(v) for v in pp) for pp in d["padding"])
             return [_A(eqn.primitive.bind(x, w, **p), reps[0])]
+        if kind == "gconv":
+            x = _expand(ins[0], d["in_axis"], np.asarray(d["in_idx"], np.int64))
+            outs = []
+            for j, c in enumerate(d["convs"]):
+                p["padding"] = tuple(tuple(int(v) for v in pp) for pp in c["padding"])
+                outs.append(eqn.primitive.bind(x, jnp.asarray(self.cvars[f"{eid}.1.{j}"]), **p))
+            axis = p["dimension_numbers"].out_spec[1]
+            y = outs[0] if len(outs) == 1 else jax.lax.concatenate(outs, axis)
+            return [_A(y, reps[0])]
+        if kind == "taps":
+            x = _expand(ins[0], d["in_axis"], np.asarray(d["in_idx"], np.int64))
+            return [_A(self._exec_taps(eqn, x, eid, d, len(reps[0].idx)), reps[0])]
         if kind == "dot":
             kpos = d["kpos"]
             a = ins[1 - kpos]
@@ -736,6 +902,56 @@ class _Interp:
             p["padding_config"] = tuple(cfg)
             vals[1] = vals[1].reshape(()).astype(a.val.dtype)
         return eqn.primitive.bind(*vals, **p)
+
+
+def _footprint_groups(foot: np.ndarray, min_filters: int = 1) -> list[np.ndarray]:
+    """Filters grouped by their exact spatial footprint (host-only).
+
+    Args:
+      foot: bool ``[F, *spatial]``, the taps each filter keeps in any input channel (reference6:
+        one of its 5 non-empty patterns; a per-kernel library: the union over input channels).
+      min_filters: a group of fewer filters is merged with the other small ones into one group
+        (their union's bounding box, still exact: the box only adds zero taps).
+    Returns:
+      index arrays into ``[0, F)``, ascending within a group, groups in the order of their first
+      filter; every filter in exactly one group. For reference6 the groups are the patterns
+      (right column, bottom row, right two columns, bottom two rows, full): each becomes one
+      dense conv with a 3x1, 1x3, 3x2, 2x3 or 3x3 kernel.
+    """
+    keys = [f.tobytes() for f in foot]
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    big = [np.asarray(g) for g in groups.values() if len(g) >= min_filters]
+    small = [i for g in groups.values() if len(g) < min_filters for i in g]
+    if small:
+        big.append(np.asarray(sorted(small)))
+    return sorted(big, key=lambda g: int(g[0]))
+
+
+def _runs(keep: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs ``[lo, hi)`` of True in a bool vector."""
+    edges = np.diff(np.concatenate([[0], keep.astype(np.int8), [0]]))
+    return [(int(a), int(b)) for a, b in zip(np.nonzero(edges == 1)[0],
+                                             np.nonzero(edges == -1)[0], strict=True)]  # fmt: skip
+
+
+def _tap_order(groups: list[np.ndarray], foot: np.ndarray) -> list[int]:
+    """An order of the footprint `groups` minimising the number of contiguous filter runs summed
+    over kernel taps (every order of up to 7 groups is tried; more keep their order). For
+    reference6 the minimum is one run per tap: right column, right two columns, full, bottom two
+    rows, bottom row (or its reverse)."""
+    import itertools
+
+    gfoot = np.stack([foot[g].any(axis=0).reshape(-1) for g in groups])  # [G, taps]
+    if len(groups) > 7:
+        return list(range(len(groups)))
+
+    def n_runs(order):
+        m = gfoot[list(order)]
+        return int(np.sum(m[0]) + np.sum(m[1:] & ~m[:-1]))
+
+    return list(min(itertools.permutations(range(len(groups))), key=n_runs))
 
 
 class _Fallback(Exception):
@@ -862,6 +1078,10 @@ def compact(
     *,
     crop: bool = True,
     align: int = 1,
+    lowering: str = "filters",
+    group_min_width: int = 0,
+    group_min_filters: int = 1,
+    group_coupled: bool = True,
 ) -> tuple[Callable, dict[str, np.ndarray], dict]:
     """Builds the physically smaller model equal to the masked one (host-only; see module doc).
 
@@ -876,7 +1096,18 @@ def compact(
         multiple of `align` (capped at the full width), materialising exact-zero filters to get
         there: thin, odd widths run slower than aligned ones on some backends (measure with
         ``benchmarks/latency.py --align``). 1 = no padding. Counted params are unchanged;
-        ``stored_params`` grows.
+        ``stored_params`` grows. Grouped convs are not padded.
+      lowering: "filters" (every kept filter of a conv in one conv, kernels cropped only where
+        ALL kept filters allow) or "grouped" (a conv of at least `group_min_width` kept filters
+        becomes one cropped conv per group of filters with the same spatial footprint, outputs
+        concatenated, the permutation folded into the consumers) or "taps" (one matmul per
+        kernel tap on the contiguous filters keeping it); see the module docstring.
+      group_min_width: conv layers with fewer kept filters keep the filter lowering under
+        "grouped" and "taps" (0 = every conv).
+      group_min_filters: footprint groups of fewer filters are merged into one bounding-box conv.
+      group_coupled: also group the convs of coupled (residual-summed) groups; their permuted
+        outputs are gathered into one order at each add. False = those convs keep the filter
+        lowering (sorted channels, no gathers; fewer cropped convs).
     Returns:
       (compact_apply_fn, compact_variables, info): ``compact_apply_fn(compact_variables, x)`` is
       jitted and equals ``apply_fn(apply_masks(variables, masks), x, train=False)`` for any batch
@@ -891,6 +1122,8 @@ def compact(
         )
     if not isinstance(align, int) or align < 1:
         raise CompactError(f"align must be an int >= 1 (1 = no padding), got {align!r}.")
+    if lowering not in LOWERINGS:
+        raise CompactError(f"lowering must be one of {LOWERINGS}, got {lowering!r}.")
     if masks is None:
         masks = masking.ones_masks(variables)
     masked_vars = masking.apply_masks(variables, masks)
@@ -907,6 +1140,8 @@ def compact(
         if m is not None:
             kernel_masks[layer.kernel_path] = np.asarray(m) != 0
     by_kernel = {layer.kernel_path: layer.index for layer in graph.layers}
+    ungrouped = frozenset() if group_coupled else frozenset(
+        li for grp in graph.coupled_groups if len(grp) > 1 for li in grp)  # fmt: skip
     xs = jax.ShapeDtypeStruct(tuple(sample_input.shape), sample_input.dtype)
     closed = _jaxpr_for(apply_fn, treedef, abstract, xs)
     pvals = jax.jit(lambda lv: _param_pass(closed, lv))(leaves)
@@ -916,7 +1151,9 @@ def compact(
     def record(align_):
         interp_ = _Interp(record=True, plan={}, cvars={}, layers_by_kernel=by_kernel,
                           filter_alive=filter_alive, kernel_masks=kernel_masks, crop=crop,
-                          align=align_)  # fmt: skip
+                          align=align_, lowering=lowering, group_min_width=group_min_width,
+                          group_min_filters=group_min_filters,
+                          ungrouped=ungrouped)  # fmt: skip
         interp_.layers_by_kernel_layer = graph.layers
         interp_.pvals = pvals
 
@@ -942,6 +1179,7 @@ def compact(
                  filter_alive)  # fmt: skip
     info["stored_params"] = int(sum(np.size(v) for v in cvars.values()))
     info["align"] = align
+    info["lowering"] = lowering
     for d in info["layers"]:  # kernel_after: the pruned kernel; kernel_stored: with padding
         d["kernel_stored"] = interp.layer_info.get(d["index"], d)["kernel_after"]
     info["plan"] = plan
