@@ -8,6 +8,9 @@ One of the few modules that touch the filesystem (DESIGN.md section 2); everythi
   that looks valid.
   Restores use an abstract target (`jax.ShapeDtypeStruct` per leaf) so that optax states come back
   as their NamedTuple types and arrays with the target's sharding; round trips are bit-identical.
+  A step may also hold an input-pipeline iterator's position ("data"), written by grain's orbax
+  handler (`grain.checkpoint.CheckpointHandler`: one JSON file per JAX process), for mid-epoch
+  resume (`save(..., data_iterator=it)`, `restore_data(step, it)`).
 * `save_pytree` / `load_pytree`: one pytree at one path (exports of final params and masks).
 * `save_json` / `load_json` / `append_jsonl` / `read_jsonl` / `write_jsonl`: summaries and metrics,
   `log_scalars`: the same metrics as TensorBoard scalars (tensorboardX, optional),
@@ -284,6 +287,9 @@ class Checkpointer:
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        grain_ckpt = _grain_checkpoint()
+        if grain_ckpt is not None:
+            handlers["data"] = grain_ckpt.CheckpointHandler()
         return ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     # -- queries ----------------------------------------------------------------------------
@@ -301,8 +307,18 @@ class Checkpointer:
         return os.path.join(self.directory, str(int(step)))
 
     # -- save -------------------------------------------------------------------------------
-    def save(self, step: int, state: Any, meta: Mapping[str, Any] | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        meta: Mapping[str, Any] | None = None,
+        *,
+        data_iterator: Any = None,
+    ) -> None:
         """Saves `state` (a pytree of arrays) and `meta` (JSON-able dict) as `step`, atomically.
+
+        ``data_iterator``: a grain iterator whose ``get_state()`` is saved beside them ("data", one
+        JSON file per process, grain's orbax handler); `restore_data` puts it back.
 
         A step found unreadable by this object earlier (see `restore_latest_valid`) is moved aside
         to ``corrupt-<step>-<time>`` (not deleted) before being written again.
@@ -319,13 +335,16 @@ class Checkpointer:
                     "--workdir (or --overwrite to discard the old run)."
                 )
             self._quarantine(step)
-        self._mgr.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave(to_jsonable(dict(meta or {}))),
-            ),
-        )
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave(to_jsonable(dict(meta or {}))),
+        }
+        if data_iterator is not None:
+            grain_ckpt = _grain_checkpoint()
+            if grain_ckpt is None:
+                raise ValueError("saving a data iterator needs grain (pip install grain).")
+            items["data"] = grain_ckpt.CheckpointSave(data_iterator)
+        self._mgr.save(step, args=ocp.args.Composite(**items))
         if not self._async:
             self._mgr.wait_until_finished()
 
@@ -416,6 +435,30 @@ class Checkpointer:
             raise self._corrupt(step, e) from e
         return out.state, dict(out.meta)
 
+    def has_data(self, step: int) -> bool:
+        """Whether `step` holds a data-iterator state."""
+        return os.path.isdir(os.path.join(self.step_dir(step), "data"))
+
+    def restore_data(self, step: int, iterator: Any) -> Any:
+        """Sets `iterator` (a fresh grain iterator of the same pipeline) to the position saved in
+        `step` and returns it.
+
+        Raises:
+          FileNotFoundError: the step holds no data state (saved without ``data_iterator``).
+          CorruptCheckpointError: the state cannot be read or does not fit the iterator.
+        """
+        step = self._check_step(step)
+        grain_ckpt = _grain_checkpoint()
+        if grain_ckpt is None or not self.has_data(step):
+            raise FileNotFoundError(f"checkpoint {self.step_dir(step)!r} holds no data state.")
+        try:
+            out = self._mgr.restore(
+                step, args=ocp.args.Composite(data=grain_ckpt.CheckpointRestore(iterator))
+            )
+        except Exception as e:
+            raise self._corrupt(step, e) from e
+        return out.data
+
     def restore_latest_valid(self, target: Any = None) -> tuple[int, Any, dict] | None:
         """`(step, state, meta)` of the newest READABLE step, or None when there is no step.
 
@@ -459,6 +502,15 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _grain_checkpoint():
+    """grain's orbax handler module, or None when grain is not installed (it is optional here)."""
+    try:
+        import grain.checkpoint as grain_ckpt
+    except ImportError:
+        return None
+    return grain_ckpt if hasattr(grain_ckpt, "CheckpointSave") else None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "DataSplits",
+    "FolderImages",
     "LazyImages",
     "Split",
     "augment_cifar",
@@ -79,6 +80,7 @@ __all__ = [
     "channel_stats",
     "default_cache_dir",
     "eval_batches",
+    "input_path",
     "iterate_batches",
     "load_dataset",
     "make_augment",
@@ -110,6 +112,10 @@ _IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 _PIL_FORMATS = ("JPEG", "PNG")
 _SPLIT_DIRS = ("train", "val", "test")
 _CACHE_VERSION = "1"
+# Image-folder trees whose files total more than this stream from disk (`FolderImages`, decoded per
+# example by the input pipeline's workers) instead of being decoded into memory (npz cache).
+STREAM_THRESHOLD_BYTES = 2 << 30
+_FOLDER_MODES = ("auto", "memory", "stream")
 
 _LAYOUTS_HELP = """Expected one of these layouts:
   * CIFAR-10 python batches: DIR/data_batch_1 .. DIR/data_batch_5 and DIR/test_batch
@@ -159,7 +165,8 @@ class Split:
     def take(self, idx: np.ndarray) -> Split:
         """The sub-split at positions ``idx`` (int [M]) of this split."""
         idx = np.asarray(idx, dtype=np.int64)
-        images = self.images.take(idx) if isinstance(self.images, LazyImages) else self.images[idx]
+        lazy = isinstance(self.images, LazyImages | FolderImages)
+        images = self.images.take(idx) if lazy else self.images[idx]
         return Split(_readonly(images), _readonly(self.labels[idx]), _readonly(self.index[idx]))
 
 
@@ -941,6 +948,52 @@ def _load_folder(root: Path, cache_dir: Path, progress: bool) -> tuple[dict, str
     return _read_cache(cache), f"image folder {root} (cache {cache})"
 
 
+def _folder_bytes(tree: dict[str, dict[str, list[Path]]]) -> int:
+    return sum(f.stat().st_size for by_class in tree.values() for fs in by_class.values() for f in fs)
+
+
+def _stream_folder(
+    root: Path, tree: dict, classes: tuple[str, ...], image_size: int, imagenet: bool
+) -> tuple[dict[str, Split], tuple[str, ...], str]:
+    """An image-folder tree as `FolderImages` splits (nothing decoded; file headers peeked).
+
+    The first, middle and last files of every class folder are opened (headers only): if they all
+    share one size the images keep it (as the in-memory path does); otherwise every image gets the ImageNet transform,
+    `center_crop_resize(round(image_size * 256 / 224), image_size)`, except the train split of
+    ``imagenet`` (name "imagenet2012"), stored at the resize side and cropped on device like tfds's.
+    """
+    from PIL import Image
+
+    class_id = {c: i for i, c in enumerate(classes)}
+    sizes, grey = set(), True
+    for by_class in tree.values():
+        for files in by_class.values():
+            for f in {files[0], files[len(files) // 2], files[-1]}:
+                try:
+                    with Image.open(f, formats=_PIL_FORMATS) as im:
+                        sizes.add((im.size[1], im.size[0]))
+                        grey &= im.mode in ("1", "L", "I", "I;16", "F")
+                except (OSError, SyntaxError) as e:
+                    raise ValueError(f"cannot decode image {f} ({e}); remove or re-encode it.") from e
+    variable = imagenet or len(sizes) > 1
+    resize = int(round(image_size * 256 / 224))
+    splits = {}
+    for split, by_class in tree.items():
+        paths, labels = [], []
+        for c, files in sorted(by_class.items()):
+            paths += [str(f) for f in files]
+            labels += [class_id[c]] * len(files)
+        if variable:
+            side = resize if (imagenet and split == "train") else image_size
+            images = FolderImages(paths, None, resize, (side, side), 3)
+        else:
+            images = FolderImages(paths, None, None, next(iter(sizes)), 1 if grey else 3)
+        y = np.asarray(labels, np.int32)
+        splits[split] = Split(images, y, np.arange(y.shape[0], dtype=np.int64))
+    how = f"resized to {image_size}" if variable else "native size"
+    return splits, classes, f"image folder {root} (streamed from disk, {how})"
+
+
 _TAR_RE = re.compile(r"^(?:(.*)/)?(train|val|test)/([^/]+)/([^/]+)$")
 
 
@@ -1169,6 +1222,98 @@ class LazyImages:
         return LazyImages(self.source, self.indices[np.asarray(idx)], self.resize, self.size)
 
 
+def _open_rgb(data: Any, name: str, resize: int | None):
+    """A PIL RGB/L image from bytes or a path; ValueError naming ``name`` when undecodable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        src = io.BytesIO(bytes(data)) if isinstance(data, bytes | np.bytes_) else data
+        pil = Image.open(src, formats=_PIL_FORMATS)
+        if resize is not None:
+            pil.draft("RGB", (resize, resize))  # JPEG: decode at a reduced scale >= resize
+        pil.load()
+        return pil
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(
+            f"cannot decode image {name} ({type(e).__name__}: {e}); remove or re-encode it "
+            "(JPEG or PNG)."
+        ) from e
+
+
+class FolderImages:
+    """Image files decoded on indexing: a streaming image folder (host-only).
+
+    Behaves like a read-only uint8 array [N, H, W, C] for ``x[int]``, ``x[int_array]``, ``x[slice]``,
+    ``len(x)``, ``x.shape``, ``x.dtype`` and ``x.take(idx)``, as `LazyImages` does; nothing is decoded
+    up front. Each access opens the files (Pillow, JPEG draft mode) and either
+
+    * ``resize`` None: keeps the native size, which must be ``shape[1:3]`` (the fixed-size folders of
+      the in-memory path; grey files stay 1-channel when ``channels`` is 1, else become RGB), or
+    * ``resize`` R: `center_crop_resize(R, size)` (variable-size JPEGs, ImageNet layout), RGB.
+
+    A file that cannot be decoded (or has the wrong size) raises ValueError naming it: corrupt files
+    FAIL the job, they are never skipped silently (skipping would change the epoch's static length).
+
+    Attributes:
+      paths: tuple of N file paths (str); ``index`` selects a subset without copying them.
+    """
+
+    def __init__(self, paths: Sequence[str], index: np.ndarray | None, resize: int | None,
+                 size: tuple[int, int], channels: int = 3):  # fmt: skip
+        self.paths = tuple(str(p) for p in paths)
+        self.index = np.arange(len(self.paths)) if index is None else np.asarray(index, np.int64)
+        self.resize = None if resize is None else int(resize)
+        self.size = (int(size[0]), int(size[1]))
+        self.channels = int(channels)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 4
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.index), *self.size, self.channels)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def decode(self, path: str) -> np.ndarray:
+        """One file -> uint8 [H, W, C] (see the class docstring)."""
+        pil = _open_rgb(path, path, self.resize)
+        if self.resize is not None:
+            return center_crop_resize(pil.convert("RGB"), self.resize, self.size[0])
+        want = "L" if self.channels == 1 else "RGB"
+        arr = np.asarray(pil if pil.mode == want else pil.convert(want), np.uint8)
+        arr = arr[..., None] if arr.ndim == 2 else arr
+        if arr.shape[:2] != self.size:
+            raise ValueError(
+                f"image {path} is {arr.shape[0]}x{arr.shape[1]} but the folder's images are "
+                f"{self.size[0]}x{self.size[1]}; resize it, or load the folder with resizing "
+                "(variable-size folders are resized automatically)."
+            )
+        return arr
+
+    def __getitem__(self, idx: Any) -> Any:
+        if isinstance(idx, int | np.integer):
+            return self.decode(self.paths[self.index[idx]])
+        sel = self.index[idx]
+        if isinstance(idx, slice | list) or (isinstance(idx, np.ndarray) and idx.ndim == 1):
+            out = np.empty((len(sel), *self.size, self.channels), np.uint8)
+            for j, i in enumerate(np.asarray(sel).reshape(-1)):
+                out[j] = self.decode(self.paths[i])
+            return out
+        raise TypeError(f"FolderImages: index with an int, slice or 1-D int array, not {type(idx)}.")
+
+    def take(self, idx: np.ndarray) -> FolderImages:
+        return FolderImages(self.paths, self.index[np.asarray(idx)], self.resize, self.size,
+                            self.channels)  # fmt: skip
+
+
+def input_path(images: Any) -> str:
+    """Which input path a split's images take: "memory" (a numpy array, batched by
+    `iterate_batches`) or "stream" (`LazyImages` / `FolderImages`, decoded per example by the grain
+    pipeline of `sculpt_jax.input_pipeline`)."""
+    return "stream" if isinstance(images, LazyImages | FolderImages) else "memory"
+
+
 def _load_tfds_imagenet(
     tfds_dir: Path, image_size: int, cache_dir: Path, progress: bool
 ) -> tuple[dict, tuple, str]:
@@ -1210,7 +1355,8 @@ def _load_tfds_imagenet(
 
 
 def _detect_local(
-    name: str, data_dir: Path, cache_dir: Path, progress: bool
+    name: str, data_dir: Path, cache_dir: Path, progress: bool, folder_mode: str = "auto",
+    image_size: int = 224,
 ) -> tuple[dict[str, Split], tuple[str, ...], str]:
     """Auto-detects the layout of ``data_dir`` and loads it (see `_LAYOUTS_HELP`)."""
     if not data_dir.exists():
@@ -1231,6 +1377,16 @@ def _detect_local(
         return _load_cifar_pickles(*hit)
     root = _folder_root(data_dir)
     if root is not None:
+        tree = _scan_folder(root)
+        classes = _check_tree(root, tree)
+        stream = folder_mode == "stream" or name == "imagenet2012"
+        if folder_mode == "auto" and not stream:
+            n_bytes = _folder_bytes(tree)
+            stream = n_bytes > STREAM_THRESHOLD_BYTES
+            log.info("%s: %.2f GB of images, %s the %.1f GB threshold", root, n_bytes / 1e9,
+                     "over" if stream else "under", STREAM_THRESHOLD_BYTES / 1e9)  # fmt: skip
+        if stream:
+            return _stream_folder(root, tree, classes, image_size, name == "imagenet2012")
         arrays, source = _load_folder(root, cache_dir, progress)
         splits, names = _splits_from_arrays(arrays)
         return splits, names, source
@@ -1248,6 +1404,7 @@ def load_dataset(
     cache_dir: str | os.PathLike | None = None,
     image_size: int = 224,
     progress: bool = False,
+    folder_mode: str = "auto",
 ) -> DataSplits:
     """Loads a dataset as deterministic train / val / test splits (host-only; see module doc).
 
@@ -1266,6 +1423,10 @@ def load_dataset(
         (shorter side resized, centre square) and cropped on device by `augment_imagenet`; eval
         images get `center_crop_resize(256, 224)` (scaled likewise).
       progress: tqdm bars while decoding.
+      folder_mode: image-folder trees only: "memory" (decode everything once, npz cache), "stream"
+        (`FolderImages`: decoded per example by the input pipeline; variable-size images resized as
+        ImageNet's), "auto" (stream when the files total more than `STREAM_THRESHOLD_BYTES`).
+        imagenet2012 given an image-folder tree always streams. The path taken is logged.
     Returns:
       `DataSplits` with uint8 images and int32 labels.
     Raises:
@@ -1275,6 +1436,8 @@ def load_dataset(
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}.")
+    if folder_mode not in _FOLDER_MODES:
+        raise ValueError(f"folder_mode={folder_mode!r}; use one of {', '.join(_FOLDER_MODES)}.")
     data_dir = Path(data_dir).expanduser() if data_dir not in (None, "") else None
     if val_size is None or (isinstance(val_size, int | float) and val_size < 0):
         val_size = _DEFAULT_VAL_SIZE[name]
@@ -1289,13 +1452,19 @@ def load_dataset(
         raise ValueError(f"name='folder' needs data_dir.\n{_LAYOUTS_HELP}")
     cache = default_cache_dir(cache_dir)
 
-    if name == "imagenet2012":
+    if name == "imagenet2012" and data_dir is not None and data_dir.is_dir() and _folder_root(
+        data_dir
+    ):
+        splits, names, source = _detect_local(name, data_dir, cache, progress, "stream", image_size)
+    elif name == "imagenet2012":
         tfds_dir = data_dir if data_dir is not None else _tfds_default_dir()
         splits, names, source = _load_tfds_imagenet(tfds_dir, image_size, cache, progress)
     elif data_dir is None:
         splits, names, source = _load_tfds_arrays(name, _tfds_default_dir(), progress)
     else:
-        splits, names, source = _detect_local(name, data_dir, cache, progress)
+        splits, names, source = _detect_local(
+            name, data_dir, cache, progress, folder_mode, image_size
+        )
 
     num_classes = len(names)
     if name in _NUM_CLASSES and num_classes != _NUM_CLASSES[name]:
@@ -1322,8 +1491,12 @@ def load_dataset(
             if image_shape[-1] != 3:
                 raise ValueError(f"{source}: {name} images must be RGB, got shape {image_shape}.")
             mean, std = CIFAR_MEAN, CIFAR_STD
+        elif isinstance(train.images, FolderImages):  # statistics of a fixed, spread-out subset
+            sub = np.linspace(0, train.n - 1, min(train.n, 1024)).astype(np.int64)
+            mean, std = channel_stats(train.images.take(np.unique(sub)))
         else:
             mean, std = channel_stats(train.images)
+    log.info("%s: train input path %s (%s)", name, input_path(train.images), source)
     for s in (train, val, test):
         _readonly(s.images)
         _readonly(s.labels)

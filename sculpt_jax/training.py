@@ -21,7 +21,8 @@ Pieces:
     `evaluate` (host loop over padded batches);
   * `make_candidate_eval` (K stacked masks vs shared params on one batch, `lax.map` or `vmap`) and
     `make_topk_train_step` / `create_topk_train_state` (K masked models, one compiled step);
-  * `fit`: the resumable host loop (checkpoint every epoch, bit-identical resume, best-by-val).
+  * `fit`: the resumable host loop (checkpoint every epoch and optionally every N steps,
+    bit-identical resume mid-epoch, best-by-val; in-memory numpy batches or the grain pipeline).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from tqdm import tqdm
 
 from sculpt_jax import checkpoint as ckpt_lib
 from sculpt_jax import data as data_lib
+from sculpt_jax import input_pipeline as input_lib
 from sculpt_jax import masking
 from sculpt_jax import sharding as shd
 from sculpt_jax.tree_util import flatten_with_paths, path_str
@@ -378,8 +380,12 @@ def evaluate(
     images: np.ndarray,
     labels: np.ndarray,
     batch_size: int,
+    *,
+    workers: int = 0,
 ) -> dict[str, float]:
-    """Accuracy and mean loss over a whole split (host loop over `data.eval_batches`).
+    """Accuracy and mean loss over a whole split (host loop over `data.eval_batches`; lazy images,
+    `data.LazyImages` / `data.FolderImages`, are decoded by `input_pipeline.eval_iterator` with
+    ``workers`` processes, the same batches).
 
     Every example counts once: the last batch is zero-padded to `batch_size` and masked.
 
@@ -398,7 +404,11 @@ def evaluate(
         )
     params, batch_stats = _params_and_stats(state_or_vars)
     tot = jnp.zeros((3,), jnp.float32)
-    for batch in data_lib.eval_batches(images, labels, batch_size):
+    if data_lib.input_path(images) == "stream":
+        batches = input_lib.eval_iterator(images, labels, batch_size, workers=workers)
+    else:
+        batches = data_lib.eval_batches(images, labels, batch_size)
+    for batch in batches:
         c, loss, n = eval_step(params, batch_stats, batch)
         tot = tot + jnp.stack([c, loss, n])
     c, loss, n = (float(v) for v in jax.device_get(tot))
@@ -649,6 +659,31 @@ def _fit_functions(apply_fn, opt_kwargs, total_steps, masks, augment_fn, label_s
     return _FIT_CACHE[key]
 
 
+def _flush(step_metrics: list, losses: list, accs: list) -> None:
+    """Moves pending device step metrics to the host lists (float32 values as Python floats)."""
+    for m in jax.device_get(step_metrics):
+        losses.append(float(m["loss"]))
+        accs.append(float(m["accuracy"]))
+    step_metrics.clear()
+
+
+def _grain_epoch(ckpt, restored_step, images, labels, batch_size, seed, epoch, workers, b0):
+    """One epoch's grain iterator, set to the saved position when resuming mid-epoch (``b0`` > 0):
+    from the checkpoint's iterator state when it has one that fits (same worker count), else by
+    skipping the first ``b0`` batches (the same batches either way)."""
+    make = lambda start: input_lib.train_iterator(  # noqa: E731
+        images, labels, batch_size, seed=seed, epoch=epoch, workers=workers, start_batch=start
+    )
+    if b0 and restored_step is not None and ckpt.has_data(restored_step):
+        it = make(0)
+        try:
+            return ckpt.restore_data(restored_step, it)
+        except ckpt_lib.CorruptCheckpointError as e:
+            input_lib.close(it)
+            log.warning("fit: %s; skipping %d batches instead", e, b0)
+    return make(b0)
+
+
 def fit(
     apply_fn: ApplyFn,
     variables: Mapping[str, Any],
@@ -670,6 +705,10 @@ def fit(
     stop_after_epochs: int | None = None,
     config_extra: Mapping[str, Any] | None = None,
     tensorboard: bool = True,
+    checkpoint_every_steps: int = 0,
+    input_pipeline: str = "auto",
+    data_workers: int = 0,
+    stop_after_steps: int | None = None,
 ) -> FitResult:
     """Trains (or masked-fine-tunes) a model, checkpointing every epoch, resuming exactly (host).
 
@@ -703,6 +742,18 @@ def fit(
       config_extra: JSON-able facts added to the fingerprint (model name, dataset, ...).
       tensorboard: also write each epoch's metrics as TensorBoard scalars under
         ``workdir/tensorboard`` (`checkpoint.log_scalars`; needs tensorboardX, else skipped).
+      checkpoint_every_steps: N > 0: also checkpoint every N optimizer steps inside epochs (with
+        the partial epoch's metrics and, on the grain path, the iterator state), so a killed run
+        resumes mid-epoch and still ends bit-identical to an uninterrupted one. 0: epoch ends only.
+        Checkpoints are then numbered by optimizer step (a workdir keeps the numbering it started
+        with); without, by epoch as before.
+      input_pipeline: "numpy" (`data.iterate_batches`, in memory), "grain"
+        (`input_pipeline.train_iterator`: sharded by JAX process, decoded in ``data_workers``
+        processes), or "auto": grain when the train images are lazy (`data.input_path` "stream"),
+        numpy otherwise. The two give different (each deterministic) orders; the path is logged
+        and recorded in result.json.
+      data_workers: grain worker processes (0: decode in this process, with reader threads).
+      stop_after_steps: stop (as if killed, resumable) after this many optimizer steps in this call.
     Raises:
       ValueError: bad sizes, a workdir holding another run's checkpoint, missing splits.
     """
@@ -720,6 +771,26 @@ def fit(
             f"fit: batch_size {batch_size} exceeds the {len(train_x)} training examples; use a "
             "smaller --batch-size."
         )
+    if input_pipeline not in ("auto", "numpy", "grain"):
+        raise ValueError(f"fit: input_pipeline={input_pipeline!r}; use 'auto', 'numpy' or 'grain'.")
+    if int(checkpoint_every_steps) < 0 or int(data_workers) < 0:
+        raise ValueError(
+            f"fit: checkpoint_every_steps ({checkpoint_every_steps}) and data_workers "
+            f"({data_workers}) must be >= 0."
+        )
+    use_grain = input_pipeline == "grain" or (
+        input_pipeline == "auto" and data_lib.input_path(train_x) == "stream"
+    )
+    n_proc = jax.process_count()
+    if use_grain:
+        if batch_size % n_proc:
+            raise ValueError(
+                f"fit: batch_size {batch_size} is not divisible by the {n_proc} JAX processes."
+            )
+        steps_per_epoch = (len(train_x) // n_proc) // (int(batch_size) // n_proc)
+    pipeline_name = "grain" if use_grain else "numpy"
+    log.info("fit: train input pipeline %s (%s images%s)", pipeline_name,
+             data_lib.input_path(train_x), f", {data_workers} workers" if use_grain else "")  # fmt: skip
     if mesh is not None:
         n_dev = shd.n_devices(mesh)
         for name, bs in (("batch_size", batch_size), ("eval_batch_size", eval_bs)):
@@ -761,6 +832,8 @@ def fit(
             "init_digest": _digest(variables),
             "masks_digest": _digest(masks) if masks is not None else None,
             "extra": dict(config_extra or {}),
+            # only on the grain path, so numpy-path fingerprints stay those of earlier versions
+            **({"input_pipeline": "grain"} if use_grain else {}),
         }
     )
     fingerprint = _fingerprint(run_config)
@@ -778,6 +851,9 @@ def fit(
     train_key = jax.random.fold_in(jax.random.key(seed), 1)
     best = jax.tree.map(jnp.copy, {"params": state.params, "batch_stats": state.batch_stats})
     best_val, best_epoch, history, start_epoch = -1.0, 0, [], 0
+    start_batch, restored_step = 0, None
+    by_step = int(checkpoint_every_steps) > 0  # checkpoint numbering: optimizer step, else epoch
+    partial: dict[str, list] = {"loss": [], "accuracy": []}
 
     try:
         if ckpt.latest_step() is not None:
@@ -809,42 +885,91 @@ def fit(
                 best_val, best_epoch = float(meta["best_val_accuracy"]), int(meta["best_epoch"])
                 history = list(meta["history"])
                 start_epoch = int(meta["epoch"])
+                start_batch, restored_step = int(meta.get("batch_in_epoch", 0)), step
+                by_step = bool(meta.get("numbered_by_step", False)) or by_step
+                partial = {k: list(v) for k, v in meta.get("partial", partial).items()}
                 ckpt_lib.write_jsonl(metrics_path, history)
-                log.info("fit: resumed %s at epoch %d", workdir, start_epoch)
+                log.info("fit: resumed %s at epoch %d, batch %d", workdir, start_epoch, start_batch)
 
         if mesh is not None:
             state, best = shd.replicate(state, mesh), shd.replicate(best, mesh)
         train_step, eval_step = fns.train_step, fns.eval_step
 
         completed = True
+        steps_this_call = 0
+        every = int(checkpoint_every_steps)
+
+        def save(step_now: int, meta_extra: dict, iterator: Any = None) -> None:
+            ckpt.save(
+                step_now,
+                {"train_state": state, "best": best, "rng": jax.random.key_data(train_key)},
+                {
+                    "best_val_accuracy": best_val,
+                    "best_epoch": best_epoch,
+                    "history": history,
+                    "fingerprint": fingerprint,
+                    "config": summary,
+                    "numbered_by_step": by_step,
+                    **meta_extra,
+                },
+                data_iterator=iterator,
+            )
+
         for epoch in range(start_epoch, int(epochs)):
             if stop_after_epochs is not None and epoch - start_epoch >= stop_after_epochs:
                 completed = False
                 break
             t0 = time.perf_counter()
-            batches = data_lib.iterate_batches(
-                train_x, train_y, int(batch_size), seed=int(seed), epoch=epoch
-            )
+            b0 = start_batch if epoch == start_epoch else 0
+            if use_grain:
+                batches = _grain_epoch(
+                    ckpt, restored_step if b0 else None, train_x, train_y,
+                    int(batch_size) // n_proc, int(seed), epoch, int(data_workers), b0,
+                )  # fmt: skip
+            else:
+                batches = data_lib.iterate_batches(
+                    train_x, train_y, int(batch_size), seed=int(seed), epoch=epoch, start_batch=b0
+                )
+            losses, accs = (partial["loss"], partial["accuracy"]) if b0 else ([], [])
             step_metrics = []
+
             bar = tqdm(
                 batches,
                 total=steps_per_epoch,
+                initial=b0,
                 desc=f"epoch {epoch + 1}/{epochs}",
                 disable=not progress,
                 leave=False,
                 dynamic_ncols=True,
             )
-            for i, batch in enumerate(bar):
-                if mesh is not None:
-                    batch = shd.shard_batch(batch, mesh)
-                state, m = train_step(state, batch, train_key)
-                step_metrics.append(m)
-                if progress and (i + 1) % 10 == 0:
-                    bar.set_postfix(loss=f"{float(m['loss']):.3f}")
-            bar.close()
-            train_m = jax.device_get(step_metrics)
+            try:
+                for i, batch in enumerate(bar, start=b0):
+                    if mesh is not None:
+                        batch = shd.shard_batch(batch, mesh)
+                    state, m = train_step(state, batch, train_key)
+                    step_metrics.append(m)
+                    steps_this_call += 1
+                    step_now = epoch * steps_per_epoch + i + 1
+                    if progress and (i + 1) % 10 == 0:
+                        bar.set_postfix(loss=f"{float(m['loss']):.3f}")
+                    if every and step_now % every == 0 and i + 1 < steps_per_epoch:
+                        _flush(step_metrics, losses, accs)
+                        save(step_now, {"epoch": epoch, "batch_in_epoch": i + 1,
+                                        "partial": {"loss": losses, "accuracy": accs}},
+                             batches if use_grain else None)  # fmt: skip
+                    if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+                        completed = False
+                        break
+            finally:
+                bar.close()
+                input_lib.close(batches)
+            if not completed:
+                break
+            _flush(step_metrics, losses, accs)
+            train_m = [{"loss": np.float32(a), "accuracy": np.float32(b)}
+                       for a, b in zip(losses, accs, strict=True)]  # fmt: skip
             train_time = time.perf_counter() - t0
-            val = evaluate(eval_step, state, val_x, val_y, eval_bs)
+            val = evaluate(eval_step, state, val_x, val_y, eval_bs, workers=int(data_workers))
             if val["accuracy"] > best_val:
                 best_val, best_epoch = val["accuracy"], epoch + 1
                 best = jax.tree.map(
@@ -865,18 +990,7 @@ def fit(
                 "epoch_time_s": time.perf_counter() - t0,
             }
             history.append(record)
-            ckpt.save(
-                epoch + 1,
-                {"train_state": state, "best": best, "rng": jax.random.key_data(train_key)},
-                {
-                    "epoch": epoch + 1,
-                    "best_val_accuracy": best_val,
-                    "best_epoch": best_epoch,
-                    "history": history,
-                    "fingerprint": fingerprint,
-                    "config": summary,
-                },
-            )
+            save((epoch + 1) * steps_per_epoch if by_step else epoch + 1, {"epoch": epoch + 1})
             ckpt_lib.append_jsonl(metrics_path, record)
             if tensorboard:
                 ckpt_lib.log_scalars(os.path.join(workdir, "tensorboard"), record, epoch + 1)
@@ -891,7 +1005,8 @@ def fit(
 
     test_acc = test_loss = None
     if completed and test_xy is not None:
-        test = evaluate(eval_step, best, test_xy[0], test_xy[1], eval_bs)
+        test = evaluate(eval_step, best, test_xy[0], test_xy[1], eval_bs,
+                        workers=int(data_workers))  # fmt: skip
         test_acc, test_loss = test["accuracy"], test["loss"]
     if completed:
         final = {
@@ -904,7 +1019,9 @@ def fit(
         ckpt_lib.append_jsonl(metrics_path, final)
         ckpt_lib.save_json(
             os.path.join(workdir, "result.json"),
-            {**final, "fingerprint": fingerprint, "config": summary, "history": history},
+            {**final, "fingerprint": fingerprint, "config": summary, "history": history,
+             "input_pipeline": pipeline_name, "train_input_path": data_lib.input_path(train_x),
+             "data_workers": int(data_workers) if use_grain else 0},  # fmt: skip
         )
     return FitResult(
         params=best["params"],

@@ -15,6 +15,7 @@ ORDER = [
     "patterns",
     "trace",
     "data",
+    "input_pipeline",
     "checkpoint",
     "sharding",
     "models",
