@@ -39,6 +39,17 @@ def get_default_config() -> ml_collections.ConfigDict:
     # search: each call's candidates split over them): 0 = all of jax.devices(), N = the first N.
     # Batch sizes must be multiples of the count (checked before any work).
     c.devices = 0
+    # Checkpoint pretrain / fine-tune every N optimizer steps too (resume mid-epoch); 0 = epoch ends.
+    c.checkpoint_every_steps = 0
+
+    c.input = ml_collections.ConfigDict()
+    # Train batches: numpy (in memory, data.iterate_batches) | grain (sculpt_jax.input_pipeline,
+    # per-process shards, worker processes) | auto (grain for lazy/streamed images: ImageNet and
+    # streamed folders; numpy for digits/CIFAR/small folders, which are faster in memory).
+    c.input.pipeline = "auto"
+    c.input.workers = 0  # grain worker processes decoding (0: in the main process, 2 threads)
+    # Image folders: auto (stream from disk above data.STREAM_THRESHOLD_BYTES) | memory | stream
+    c.input.folder_mode = "auto"
 
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.checkpoint = ""  # a pretrained workdir/checkpoint to start from instead of training
@@ -364,6 +375,19 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 " samples of an iteration (search.n_envs * search.n_steps) are required"
             )
     _validate_training(cfg)
+    every = cfg.get("checkpoint_every_steps", 0)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise ValueError(f"checkpoint_every_steps must be an int >= 0 (0 = every epoch only), got "
+                         f"{every!r}")  # fmt: skip
+    if "input" in cfg:
+        inp = cfg.input
+        for key, value, allowed in (("input.pipeline", inp.pipeline, ("auto", "numpy", "grain")),
+                                    ("input.folder_mode", inp.folder_mode,
+                                     ("auto", "memory", "stream"))):  # fmt: skip
+            if value not in allowed:
+                raise ValueError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+        if not isinstance(inp.workers, int) or inp.workers < 0:
+            raise ValueError(f"input.workers must be an int >= 0, got {inp.workers!r}")
     if s.get("n_seeds", 1) < 1:
         raise ValueError(f"search.n_seeds must be >= 1, got {s.n_seeds}")
     p = cfg.ppo

@@ -135,7 +135,7 @@ def setup(cfg) -> Setup:
     models.model_spec(cfg.model)  # unknown name -> ValueError listing valid ones
     splits = data_lib.load_dataset(
         cfg.dataset, cfg.data_dir or None, val_size=cfg.val_size, seed=cfg.seed,
-        progress=cfg.progress,
+        progress=cfg.progress, folder_mode=_input(cfg)["folder_mode"],
     )  # fmt: skip
     if 0 < cfg.max_train_examples < splits.train.n:
         idx = np.sort(np.random.default_rng(cfg.seed).permutation(splits.train.n)
@@ -158,6 +158,20 @@ def setup(cfg) -> Setup:
         ) from e
     apply_fn = make_apply_fn(model, splits.mean, splits.std)
     return Setup(cfg, splits, model, apply_fn, variables, shape, num_classes, mesh=make_mesh(cfg))
+
+
+def _input(cfg) -> dict:
+    """The input-pipeline settings (config.input; defaults for configs saved before it existed)."""
+    inp = cfg.get("input") or {}
+    return {"pipeline": inp.get("pipeline", "auto"), "workers": int(inp.get("workers", 0)),
+            "folder_mode": inp.get("folder_mode", "auto")}  # fmt: skip
+
+
+def _fit_input_kwargs(cfg) -> dict:
+    """`training.fit` keywords of the input pipeline and step checkpointing."""
+    inp = _input(cfg)
+    return {"input_pipeline": inp["pipeline"], "data_workers": inp["workers"],
+            "checkpoint_every_steps": int(cfg.get("checkpoint_every_steps", 0))}  # fmt: skip
 
 
 def _abstract(tree):
@@ -293,6 +307,7 @@ def pretrain(cfg, *, overwrite: bool = False, s: Setup | None = None) -> dict:
         overwrite=overwrite,
         config_extra=_run_fingerprint(cfg),
         tensorboard=cfg.tensorboard,
+        **_fit_input_kwargs(cfg),
     )
     ckpt.save_pytree(os.path.join(wd, "best_variables"), res.variables)
     out = {"val_accuracy": res.best_val_accuracy, "test_accuracy": res.test_accuracy,
@@ -790,6 +805,7 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
             augment_fn=data_lib.make_augment(s.splits.name, s.input_shape) if f.augment else None,
             mesh=s.mesh, progress=cfg.progress, overwrite=overwrite, tensorboard=cfg.tensorboard,
             config_extra=dict(_run_fingerprint(cfg), candidate=k, method=cfg.search.method),
+            **_fit_input_kwargs(cfg),
         )  # fmt: skip
         results.append((res, masks, cand))
     k_best = int(np.argmax([r.best_val_accuracy for r, _, _ in results]))
@@ -822,6 +838,8 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
         "masked_conventional_macs": exact["masked_conventional_macs"],
         "conventional_macs_reduction": exact["conventional_macs_reduction"],
         "pruned_weights_exactly_zero": zero_ok,
+        # which input path the training data took (data.input_path; fit logs the pipeline)
+        "train_input_path": data_lib.input_path(s.splits.train.images),
     }
     export(os.path.join(cfg.workdir, "export"), final, masks, ss, cand.get("pattern_ids"), summary)
     return {"summary": summary, "variables": final, "masks": masks}

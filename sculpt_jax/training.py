@@ -889,7 +889,11 @@ def fit(
                 by_step = bool(meta.get("numbered_by_step", False)) or by_step
                 partial = {k: list(v) for k, v in meta.get("partial", partial).items()}
                 ckpt_lib.write_jsonl(metrics_path, history)
-                log.info("fit: resumed %s at epoch %d, batch %d", workdir, start_epoch, start_batch)
+                if start_batch:
+                    log.info("fit: resumed %s at epoch %d, batch %d", workdir, start_epoch,
+                             start_batch)  # fmt: skip
+                else:
+                    log.info("fit: resumed %s at epoch %d", workdir, start_epoch)
 
         if mesh is not None:
             state, best = shd.replicate(state, mesh), shd.replicate(best, mesh)

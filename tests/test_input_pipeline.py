@@ -218,3 +218,20 @@ def test_a_corrupt_jpeg_fails_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"cannot decode image .*bee/01\.jpg"):
         data.load_dataset("folder", tmp_path / "ds", val_size=0, folder_mode="memory",
                           cache_dir=tmp_path / "cache")  # fmt: skip
+
+
+def test_config_fields_are_validated():
+    from sculpt_jax import config
+
+    cfg = config.get_default_config()
+    assert cfg.checkpoint_every_steps == 0 and cfg.input.pipeline == "auto"
+    config.validate(cfg)
+    for key, value, message in (("checkpoint_every_steps", -1, "checkpoint_every_steps"),
+                                ("input.pipeline", "tf", "input.pipeline"),
+                                ("input.folder_mode", "disk", "input.folder_mode"),
+                                ("input.workers", -2, "input.workers")):  # fmt: skip
+        bad = config.get_default_config()
+        section, _, name = key.rpartition(".")
+        (bad[section] if section else bad)[name] = value
+        with pytest.raises(ValueError, match=message):
+            config.validate(bad)
