@@ -36,3 +36,14 @@ def test_accelerator_check_runs_reduced_and_writes_json_and_markdown(tmp_path):
     assert {r["pipeline"] for r in sections["input pipeline"]} == {"cifar", "imagenet"}
     md = out_md.read_text()
     assert "### top-K fine-tuning" in md and "| pipeline | stored | size | batch | img_per_s |" in md
+
+
+def test_input_pipeline_benchmark_runs_reduced(tmp_path):
+    out = tmp_path / "input.json"
+    subprocess.run([sys.executable, str(BENCH / "input_pipeline.py"), "--workers", "0", "1",
+                    "--n-images", "24", "--batch", "8", "--cifar-n", "256", "--json", str(out)],
+                   check=True, timeout=300)  # fmt: skip
+    rows = json.loads(out.read_text())
+    assert [(r["pipeline"], r["workers"]) for r in rows] == [
+        ("imagenet", 0), ("imagenet", 1), ("cifar", 0), ("cifar", 0)]  # fmt: skip
+    assert all(r["img_per_s"] > 0 for r in rows)
