@@ -210,9 +210,14 @@ def test_a_corrupt_jpeg_fails_naming_the_file(tmp_path):
     s = data.load_dataset("folder", tmp_path / "ds", val_size=0, folder_mode="stream")
     bad = tmp_path / "ds" / "train" / "bee" / "01.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")  # damaged after loading: found when read
-    with pytest.raises(ValueError, match=r"cannot decode image .*bee/01\.jpg"):
-        for _ in ip.train_iterator(*s.train.arrays, 4, seed=0, shuffle=False):
-            pass
+    for workers in (0, 1):  # a worker process's error reaches the main process as it is
+        with pytest.raises(ValueError, match=r"cannot decode image .*bee/01\.jpg"):
+            it = ip.train_iterator(*s.train.arrays, 4, seed=0, shuffle=False, workers=workers)
+            try:
+                for _ in it:
+                    pass
+            finally:
+                ip.close(it)
     with pytest.raises(ValueError, match=r"cannot decode image .*bee/01\.jpg"):  # stats read it
         data.load_dataset("folder", tmp_path / "ds", val_size=0, folder_mode="stream")
     with pytest.raises(ValueError, match=r"cannot decode image .*bee/01\.jpg"):
