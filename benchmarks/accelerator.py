@@ -14,7 +14,9 @@ Sections, each timed on the current backend with every figure from this one run:
     batch 1 and the throughput batch (`benchmarks/latency.py`'s `bench_model`, ~50% true FLOPs);
   * input pipeline: host batches (`data.iterate_batches`, in-memory uint8) moved to the device and
     augmented there (`data.make_augment`), img/s, at CIFAR (32x32) and ImageNet (256 -> crop 224)
-    sizes. JPEG decoding is not part of this figure.
+    sizes (JPEG decoding not included); and JPEG decoding alone: the grain train iterator over
+    generated 500x375 JPEGs (`benchmarks/input_pipeline.py`) with 0, half and all of the host's
+    cores as worker processes.
 
 ``--reduced`` (the default on CPU) runs the same code on test-size models and inputs, so a test can
 check the script without an accelerator; its numbers say nothing about an accelerator. The JSON is
@@ -45,6 +47,8 @@ FULL = {
     "topk": {"model": "resnet56", "k": 4, "batch": 128},
     "latency": [("resnet56", [1, 256]), ("resnet50", [1, 64])],
     "input": [("cifar", 32, 32, 256), ("imagenet", 256, 224, 128)],
+    "jpeg": {"n": 512, "batch": 64, "workers": sorted({0, (os.cpu_count() or 2) // 2 or 1,
+                                                      os.cpu_count() or 2})},  # fmt: skip
 }
 REDUCED = {
     "eval": {"model": "resnet8_tiny", "reward": 64, "batch": 32, "ns": [1, 4]},
@@ -52,6 +56,7 @@ REDUCED = {
     "topk": {"model": "resnet8_tiny", "k": 2, "batch": 16},
     "latency": [("resnet8_tiny", [1, 16])],
     "input": [("cifar", 32, 32, 64), ("imagenet", 72, 64, 16)],
+    "jpeg": {"n": 16, "batch": 8, "workers": [0]},
 }
 
 
@@ -186,6 +191,28 @@ def input_pipeline(sizes: list, repeats: int) -> list[dict]:
     return rows
 
 
+def jpeg_decode(cfg: dict, repeats: int) -> list[dict]:
+    """img/s of the grain ImageNet-style train iterator (decode + resize in worker processes)."""
+    import tempfile
+    from pathlib import Path
+
+    import input_pipeline as bench  # benchmarks/input_pipeline.py
+
+    from sculpt_jax import data
+    from sculpt_jax import input_pipeline as ip
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, labels = bench.write_jpegs(Path(tmp), cfg["n"])
+        images = data.FolderImages(paths, None, 256, (256, 256), 3)
+        for w in cfg["workers"]:
+            make = lambda w=w: ip.train_iterator(images, labels, cfg["batch"], seed=0, workers=w)  # noqa: E731
+            ips, start = bench.measure(make, cfg["batch"])
+            rows.append({"pipeline": "imagenet jpeg (grain)", "workers": w, "img_per_s": ips,
+                         "startup_s": start})  # fmt: skip
+    return rows
+
+
 def _table(rows: list[dict]) -> str:
     if isinstance(rows, dict):
         rows = [rows]
@@ -227,7 +254,8 @@ def main(argv=None) -> dict:
                           ("train step", train_steps, cfg["train"]),
                           ("top-K fine-tuning", topk, cfg["topk"]),
                           ("compacted latency", latency, cfg["latency"]),
-                          ("input pipeline", input_pipeline, cfg["input"])]:  # fmt: skip
+                          ("input pipeline", input_pipeline, cfg["input"]),
+                          ("jpeg decoding", jpeg_decode, cfg["jpeg"])]:  # fmt: skip
         report["sections"][name] = fn(arg, repeats)
         print(f"\n### {name} ({time.perf_counter() - t0:.0f} s so far)\n"
               + _table(report["sections"][name]), flush=True)  # fmt: skip

@@ -23,7 +23,7 @@ def test_accelerator_check_runs_reduced_and_writes_json_and_markdown(tmp_path):
     sections = saved["sections"]
     assert list(sections) == [
         "candidate evaluations", "train step", "top-K fine-tuning", "compacted latency",
-        "input pipeline"]  # fmt: skip
+        "input pipeline", "jpeg decoding"]  # fmt: skip
     evals = sections["candidate evaluations"]
     assert {(r["n"], r["mode"], r["devices"]) for r in evals} == {
         (n, m, 1) for n in (1, 4) for m in ("map", "vmap")}  # one CPU device in the test
@@ -34,6 +34,8 @@ def test_accelerator_check_runs_reduced_and_writes_json_and_markdown(tmp_path):
     lat = sections["compacted latency"]
     assert {r["batch"] for r in lat} == {1, 16} and all(0 < r["flops_ratio"] < 1 for r in lat)
     assert {r["pipeline"] for r in sections["input pipeline"]} == {"cifar", "imagenet"}
+    assert [r["workers"] for r in sections["jpeg decoding"]] == [0]
+    assert sections["jpeg decoding"][0]["img_per_s"] > 0
     md = out_md.read_text()
     assert "### top-K fine-tuning" in md and "| pipeline | stored | size | batch | img_per_s |" in md
 
