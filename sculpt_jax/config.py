@@ -30,6 +30,7 @@ def get_default_config() -> ml_collections.ConfigDict:
         ""  # local CIFAR pickle batches, image-folder tree or .tar.gz; tfds data_dir for tfds
     )
     c.val_size = -1  # -1: dataset default (digits 200, CIFAR 5,000)
+    c.image_size = 224  # imagenet2012 only: model input side (train stored at size*256/224)
     c.max_train_examples = -1  # > 0: a fixed random subset of the training split (smoke runs)
     c.seed = 0
     c.workdir = "runs/default"

@@ -81,6 +81,8 @@ __all__ = [
     "default_cache_dir",
     "eval_batches",
     "input_path",
+    "eval_images",
+    "eval_split",
     "iterate_batches",
     "load_dataset",
     "make_augment",
@@ -1221,6 +1223,40 @@ class LazyImages:
     def take(self, idx: np.ndarray) -> LazyImages:
         return LazyImages(self.source, self.indices[np.asarray(idx)], self.resize, self.size)
 
+    def at_size(self, size: int) -> LazyImages:
+        """The same records, centre-cropped to ``size`` after the same resize (a view; nothing
+        is decoded). From a train split stored at ``resize`` this is the eval transform."""
+        return LazyImages(self.source, self.indices, self.resize, size)
+
+
+def eval_images(images: Any, image_shape: Sequence[int]) -> Any:
+    """``images`` as the model sees them WITHOUT augmentation (host-only, lazy where they are).
+
+    ImageNet train images are stored larger than the model input (`load_dataset`) for the
+    on-device random-resized crop; anything else that feeds them to the model (a validation or
+    reward set carved from train, BatchNorm recalibration batches, training with augmentation
+    off) must take the eval transform instead: resize 256, centre-crop 224 (scaled with the
+    image size). Every other dataset is stored at the model input size and is returned as is.
+
+    Args:
+      images: uint8 [N, H, W, C] array, `LazyImages` or `FolderImages`.
+      image_shape: `DataSplits.image_shape` (model input (H, W, C)).
+    Returns:
+      images of shape [N, *image_shape].
+    """
+    size = int(image_shape[0])
+    if isinstance(images, LazyImages) and images.size != size:
+        return images.at_size(size)
+    if isinstance(images, FolderImages) and images.resize is not None and images.size[0] != size:
+        return images.at_size(size)
+    return images
+
+
+def eval_split(split: Split, image_shape: Sequence[int]) -> Split:
+    """`split` with `eval_images` applied to its images (labels and index unchanged)."""
+    images = eval_images(split.images, image_shape)
+    return split if images is split.images else Split(images, split.labels, split.index)
+
 
 def _open_rgb(data: Any, name: str, resize: int | None):
     """A PIL RGB/L image from bytes or a path; ValueError naming ``name`` when undecodable."""
@@ -1305,6 +1341,13 @@ class FolderImages:
     def take(self, idx: np.ndarray) -> FolderImages:
         return FolderImages(self.paths, self.index[np.asarray(idx)], self.resize, self.size,
                             self.channels)  # fmt: skip
+
+    def at_size(self, size: int) -> FolderImages:
+        """The same files, centre-cropped to ``size`` after the same resize (see
+        `LazyImages.at_size`); only for a resizing folder (``resize`` set)."""
+        if self.resize is None:
+            raise ValueError("FolderImages.at_size: this folder keeps its images' native size.")
+        return FolderImages(self.paths, self.index, self.resize, (size, size), self.channels)
 
 
 def input_path(images: Any) -> str:
@@ -1420,8 +1463,11 @@ def load_dataset(
       seed: seeds the validation carve (the digits test split is fixed independently of it).
       cache_dir: where decoded image folders / label indexes are cached (see `default_cache_dir`).
       image_size: ImageNet model input side; train images are stored at round(size * 256 / 224)
-        (shorter side resized, centre square) and cropped on device by `augment_imagenet`; eval
-        images get `center_crop_resize(256, 224)` (scaled likewise).
+        (shorter side resized, centre square) and cropped on device by `augment_imagenet`; the
+        test split AND the validation split carved from train get the eval transform
+        `center_crop_resize(256, 224)` (scaled likewise), so val and test always have the model
+        input shape (`eval_images` gives train images that shape too). Other datasets are
+        stored at one size for every split (image folders must share one size).
       progress: tqdm bars while decoding.
       folder_mode: image-folder trees only: "memory" (decode everything once, npz cache), "stream"
         (`FolderImages`: decoded per example by the input pipeline; variable-size images resized as
@@ -1485,6 +1531,7 @@ def load_dataset(
     if name == "imagenet2012":
         image_shape = (image_size, image_size, 3)
         mean, std = IMAGENET_MEAN, IMAGENET_STD
+        val = eval_split(val, image_shape)  # carved from train (stored larger): eval transform
     else:
         image_shape = tuple(int(s) for s in train.images.shape[1:])
         if name in ("cifar10", "cifar100"):
@@ -1497,6 +1544,12 @@ def load_dataset(
         else:
             mean, std = channel_stats(train.images)
     log.info("%s: train input path %s (%s)", name, input_path(train.images), source)
+    for split_name, split in (("val", val), ("test", test)):  # what validation and test feed
+        if tuple(split.images.shape[1:]) != tuple(image_shape):  # the model: its input size
+            raise ValueError(
+                f"{source}: {split_name} images are {tuple(split.images.shape[1:])} but the "
+                f"model input is {tuple(image_shape)}; all splits must share one image size."
+            )
     for s in (train, val, test):
         _readonly(s.images)
         _readonly(s.labels)

@@ -129,6 +129,14 @@ def _eval_step(s: Setup):
     return ft.make_eval_step(s.apply_fn, mesh=s.mesh)
 
 
+def _train_arrays(s: Setup, augment: bool) -> tuple:
+    """The train split's (images, labels) for a fit: as stored when the train step augments
+    (ImageNet: stored larger, random-resized-cropped on device), else at the model input size
+    (`data.eval_images`: ImageNet's eval transform; other datasets unchanged)."""
+    split = s.splits.train if augment else data_lib.eval_split(s.splits.train, s.input_shape)
+    return split.arrays
+
+
 def setup(cfg) -> Setup:
     """Loads the dataset and builds the model for `cfg` (host-only)."""
     models = _models()
@@ -136,6 +144,7 @@ def setup(cfg) -> Setup:
     splits = data_lib.load_dataset(
         cfg.dataset, cfg.data_dir or None, val_size=cfg.val_size, seed=cfg.seed,
         progress=cfg.progress, folder_mode=_input(cfg)["folder_mode"],
+        image_size=cfg.get("image_size", 224),
     )  # fmt: skip
     if 0 < cfg.max_train_examples < splits.train.n:
         idx = np.sort(np.random.default_rng(cfg.seed).permutation(splits.train.n)
@@ -183,6 +192,8 @@ def _run_fingerprint(cfg) -> dict:
     fp = {"model": cfg.model, "dataset": cfg.dataset, "data_dir": cfg.data_dir,
           "seed": cfg.seed, "val_size": cfg.val_size,
           "max_train_examples": cfg.max_train_examples}  # fmt: skip
+    if cfg.dataset == "imagenet2012" and cfg.get("image_size", 224) != 224:
+        fp["image_size"] = cfg.image_size
     if cfg.get("data_digest"):  # `sculpt_jax.api`: a digest of the user's model and arrays
         fp["data_digest"] = cfg.data_digest
     return fp
@@ -289,7 +300,8 @@ def pretrain(cfg, *, overwrite: bool = False, s: Setup | None = None) -> dict:
     res = ft.fit(
         s.apply_fn,
         s.init_variables,
-        {"train": s.splits.train.arrays, "val": s.splits.val.arrays, "test": s.splits.test.arrays},
+        {"train": _train_arrays(s, p.augment), "val": s.splits.val.arrays,
+         "test": s.splits.test.arrays},
         epochs=p.epochs,
         batch_size=p.batch_size,
         workdir=wd,
@@ -466,7 +478,7 @@ def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
     calib = None
     if sc.bn_recalib_batches > 0:
         n = sc.bn_recalib_batches * sc.bn_recalib_batch_size
-        tr_imgs = s.splits.train.arrays[0]
+        tr_imgs = _train_arrays(s, augment=False)[0]  # model-input size (ImageNet: eval crop)
         if n > len(tr_imgs):
             raise ValueError(f"BN recalibration wants {n} training images; only {len(tr_imgs)}")
         idx = np.random.default_rng(cfg.seed).permutation(len(tr_imgs))[:n]
@@ -737,7 +749,9 @@ def _prune_autocompress(cfg, s: Setup, variables, ss: SearchSetup, wd: str, over
         budget = sc.iterations * sc.n_steps * sc.n_envs
         t0 = time.perf_counter()
         cands = autocompress.run_autocompress(
-            s.apply_fn, variables, ss.graph, s.splits, target=sc.target_flops,
+            s.apply_fn, variables, ss.graph,
+            dataclasses.replace(s.splits, train=data_lib.eval_split(s.splits.train, s.input_shape)),
+            target=sc.target_flops,
             target_kind="flops", scheme=ac.scheme, rounds=ac.rounds, library=ss.library,
             t0=ac.t0, t_stop=ac.t_stop, cooling=ac.cooling, perturbation=ac.perturbation,
             moves_per_temperature=max(1, budget // (n_temps * ac.rounds)),
@@ -796,7 +810,7 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
         masks = candidate_masks(ss, cand)
         start = cand.get("variables", variables)  # AutoCompress: the ADMM-trained weights
         res = ft.fit(
-            s.apply_fn, start, {"train": s.splits.train.arrays, "val": s.splits.val.arrays},
+            s.apply_fn, start, {"train": _train_arrays(s, f.augment), "val": s.splits.val.arrays},
             epochs=f.epochs, batch_size=f.batch_size,
             workdir=os.path.abspath(os.path.join(cfg.workdir, "finetune", f"cand{k}")),
             seed=cfg.seed + k, masks=masks,

@@ -613,3 +613,118 @@ def test_real_cifar10_jpeg(cifar10_jpeg):
         raw = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
     np.testing.assert_array_equal(s.test.images[0], np.asarray(raw))
     assert s.test.labels[0] == 0 and s.test.labels[-1] == 9
+
+
+# ------------------------------------------------------------------------------------------------
+# every split of every dataset path has the shape the model is traced at
+# ------------------------------------------------------------------------------------------------
+
+
+def _assert_model_shapes(s: data.DataSplits, stored_train: tuple[int, ...]) -> None:
+    """val / test (what validation, the search's reward and held-out sets, and test feed the model)
+    have ``s.image_shape``; train is stored at ``stored_train`` and reaches ``s.image_shape``
+    through the train augmentation and through `data.eval_images` (no-augment / BN batches)."""
+    shape = tuple(s.image_shape)
+    for name in ("val", "test"):
+        split = getattr(s, name)
+        assert tuple(split.images.shape[1:]) == shape, name
+        batch = next(data.eval_batches(*split.arrays, 3))
+        assert batch["image"].shape == (3, *shape), name
+    assert tuple(s.train.images.shape[1:]) == stored_train
+    batch = next(data.iterate_batches(*s.train.arrays, 3, seed=0))
+    assert batch["image"].shape == (3, *stored_train)
+    assert data.make_augment(s.name, shape)(KEY, batch["image"]).shape == (3, *shape)
+    plain = data.eval_images(s.train.images, shape)
+    assert tuple(plain.shape[1:]) == shape and plain[np.arange(2)].shape == (2, *shape)
+    sub = data.eval_split(s.train.take(np.arange(3)), shape)  # e.g. BN recalibration batches
+    assert sub.images[np.arange(3)].shape == (3, *shape)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_every_split_of_every_path_has_the_model_input_shape(tmp_path, size):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    c = tmp_path / "cache"
+    _assert_model_shapes(data.load_dataset("digits"), (8, 8, 1))
+    _write_cifar10_pickles(tmp_path / "cifar-10-batches-py")
+    s = data.load_dataset("cifar10", tmp_path, val_size=10, cache_dir=c, image_size=size)
+    _assert_model_shapes(s, (32, 32, 3))  # image_size is for ImageNet only
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    _assert_model_shapes(data.load_dataset("cifar10", archive, val_size=10), (32, 32, 3))
+    for n in ({"train": 4, "test": 2}, {"train": 3, "val": 1, "test": 1}):  # carved / own val/
+        root = tmp_path / f"folder{len(n)}" / "ds"
+        _write_folder(root, n=n, size=(size, size))
+        s = data.load_dataset("folder", root, val_size=3, cache_dir=c)
+        _assert_model_shapes(s, (size, size, 3))
+        tar_path = tmp_path / f"folder{len(n)}.tar.gz"
+        with tarfile.open(tar_path, "w:gz") as tar:
+            tar.add(root, arcname="ds")
+        _assert_model_shapes(data.load_dataset("folder", tar_path, val_size=3, cache_dir=c),
+                             (size, size, 3))  # fmt: skip
+    _fake_prepared(tmp_path / "tfds", "cifar10", "3.0.2")
+    _fake_prepared(tmp_path / "tfds", "imagenet2012", "5.1.0")
+    with tfds.testing.mock_data(num_examples=24):
+        s = data.load_dataset("cifar10", tmp_path / "tfds", val_size=6, cache_dir=c)
+        _assert_model_shapes(s, (32, 32, 3))
+        s = data.load_dataset("imagenet2012", tmp_path / "tfds", val_size=6, image_size=size,
+                              cache_dir=c)  # fmt: skip
+        stored = round(size * 256 / 224)
+        assert s.image_shape == (size, size, 3) and isinstance(s.val.images, data.LazyImages)
+        _assert_model_shapes(s, (stored, stored, 3))
+        # The carved val takes the eval transform (resize, centre crop) of the same records.
+        x = s.val.images.source[int(s.val.index[0])]["image"]
+        np.testing.assert_array_equal(
+            s.val.images[np.arange(1)][0],
+            data.center_crop_resize(np.asarray(x, np.uint8), stored, size),
+        )
+
+
+def _vgg_imagenet_head_tiny(num_classes: int):
+    from sculpt_jax.models import vgg
+
+    return vgg.VGG(cfg=vgg.VGG_TINY_CFG, num_classes=num_classes, head_type="imagenet", hidden=16)
+
+
+@pytest.mark.parametrize(
+    "model, size",
+    [("resnet50_tiny", 32), ("mobilenet_v2_tiny", 32), ("vit_tiny", 64),
+     ("vgg_imagenet_head_tiny", 64)],
+)  # fmt: skip
+def test_imagenet_zoo_tiny_search_and_finetune_on_mock_imagenet(tmp_path, model, size):
+    """The pipeline on mock ImageNet: every set the model sees (reward, held-out, BN batches,
+    validation, test) has the traced input size. ViT's position embedding and VGG's flatten head
+    (ViT-B/16 / VGG-16 at 224) fail on a validation split left at the train storage size."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from sculpt_jax import config as config_lib
+    from sculpt_jax import models, pipeline
+
+    if model == "vgg_imagenet_head_tiny":
+        models.register_model(model, _vgg_imagenet_head_tiny, input_shape=(size, size, 3),
+                              num_classes=1000)  # fmt: skip
+    root = _fake_prepared(tmp_path / "tfds", "imagenet2012", "5.1.0")
+    cfg = config_lib.get_default_config()
+    cfg.update(dict(model=model, dataset="imagenet2012", data_dir=str(root), image_size=size,
+                    val_size=16, workdir=str(tmp_path / "run"), progress=False,
+                    tensorboard=False))  # fmt: skip
+    cfg.search.update(dict(method="random", iterations=1, n_envs=1, n_steps=1, top_k=1,
+                           target_flops=0.3, tolerance=0.05, bn_recalib_batches=1,
+                           bn_recalib_batch_size=4, heldout_size=4))  # fmt: skip
+    cfg.finetune.update(dict(epochs=1, batch_size=8))
+    shape = (size, size, 3)
+    try:
+        with tfds.testing.mock_data(num_examples=32):
+            s = pipeline.setup(cfg)
+            assert s.input_shape == shape and s.splits.val.images.shape[1:] == shape
+            searched = pipeline.prune(cfg, s=s, variables=s.init_variables)
+            ss = searched["search_setup"]
+            assert ss.reward[0][np.arange(2)].shape == (2, *shape)
+            assert ss.heldout[0][np.arange(2)].shape == (2, *shape)
+            assert ss.calib.shape == (1, 4, *shape)
+            assert searched["best"] and "heldout_accuracy" in searched["best"][0]
+            out = pipeline.finetune(cfg, s=s, variables=s.init_variables, searched=searched)
+    finally:
+        models._REGISTRY.pop("vgg_imagenet_head_tiny", None)
+    row = out["summary"]
+    assert abs(row["flops_reduction"] - 0.3) <= 0.05 + 1e-6
+    assert row["pruned_weights_exactly_zero"] and 0.0 <= row["test_accuracy"] <= 1.0
