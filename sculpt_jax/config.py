@@ -39,6 +39,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     # search: each call's candidates split over them): 0 = all of jax.devices(), N = the first N.
     # Batch sizes must be multiples of the count (checked before any work).
     c.devices = 0
+    # Many hosts: join a multi-process job with JAX's cluster auto-detection (TPU pod slices,
+    # SLURM, Open MPI). Read by the CLI before parsing; SCULPT_NUM_PROCESSES > 1 (with
+    # SCULPT_PROCESS_ID, SCULPT_COORDINATOR) joins one without this flag. `devices` is then global.
+    c.distributed = False
 
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.checkpoint = ""  # a pretrained workdir/checkpoint to start from instead of training
