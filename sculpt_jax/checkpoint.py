@@ -16,6 +16,11 @@ One of the few modules that touch the filesystem (DESIGN.md section 2); everythi
   `log_scalars`: the same metrics as TensorBoard scalars (tensorboardX, optional),
   written atomically (temporary file + rename) where a whole file is written.
 
+Many processes (`sharding.initialize_distributed`): every process calls the same functions in the
+same order. Orbax saves and restores collectively (all processes call; the workdir must be storage
+every host sees: a shared file system or a bucket); the JSON, JSONL and TensorBoard writers write
+on process 0 only and do nothing elsewhere.
+
 Errors: restoring into a target of another tree or shape raises `CheckpointMismatchError` (a
 ValueError) naming the first differing path; a step that cannot be read raises
 `CorruptCheckpointError` naming its folder (delete it to fall back to the previous step, or use
@@ -90,7 +95,31 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def _primary() -> bool:
+    """Process 0 (or the only process): the one that writes JSON, metrics and event files."""
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _savable(tree: Any) -> Any:
+    """In a multi-process job, process-local jax.Arrays (a PRNG key's data, host-side results)
+    become numpy (Orbax writes those from process 0); global arrays are saved collectively."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(
+        lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable else x, tree
+    )
+
+
 def _atomic_write_text(path: str, text: str) -> None:
+    if not _primary():
+        return
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".part")
@@ -125,6 +154,8 @@ def load_json(path: str | os.PathLike) -> Any:
 
 def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Appends one JSON line (a metrics record) to `path`, creating folders as needed."""
+    if not _primary():
+        return
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -150,7 +181,9 @@ def log_scalars(logdir: str | os.PathLike, record: Mapping[str, Any], step: int)
     """Writes the finite numeric fields of a metrics record as TensorBoard scalars at `step`
     (tensorboardX event files under `logdir`; ``tensorboard --logdir <workdir>`` shows every
     stage). tensorboardX is optional: without it nothing is written (one INFO line says so).
-    Returns whether it wrote."""
+    Returns whether it wrote (never on a process other than 0)."""
+    if not _primary():
+        return False
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
@@ -273,10 +306,12 @@ class Checkpointer:
             raise NotADirectoryError(
                 f"checkpoint directory {self.directory!r} is a file; pass a folder (--workdir)."
             )
-        if overwrite and os.path.isdir(self.directory):
+        if overwrite and os.path.isdir(self.directory) and _primary():
             for name in os.listdir(self.directory):  # only what checkpointing wrote
                 if name.isdigit() or ".orbax-checkpoint-tmp" in name or name.startswith("corrupt-"):
                     shutil.rmtree(os.path.join(self.directory, name))
+        if overwrite:
+            _sync(f"sculpt_jax:overwrite:{self.directory}")  # others wait for the removal
         os.makedirs(self.directory, exist_ok=True)
         self._bad_steps: set[int] = set()
         self._mgr = self._make_manager(max_to_keep, async_save)
@@ -336,7 +371,7 @@ class Checkpointer:
                 )
             self._quarantine(step)
         items = {
-            "state": ocp.args.StandardSave(state),
+            "state": ocp.args.StandardSave(_savable(state)),
             "meta": ocp.args.JsonSave(to_jsonable(dict(meta or {}))),
         }
         if data_iterator is not None:
@@ -351,7 +386,9 @@ class Checkpointer:
     def _quarantine(self, step: int) -> None:
         src = self.step_dir(step)
         dst = os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}")
-        os.replace(src, dst)
+        if _primary():
+            os.replace(src, dst)
+        _sync(f"sculpt_jax:quarantine:{src}")
         log.warning("moved unreadable checkpoint %s aside to %s", src, dst)
         self._bad_steps.discard(step)
         self._mgr.reload()
@@ -523,7 +560,7 @@ def save_pytree(path: str | os.PathLike, tree: Any) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     ckptr = ocp.StandardCheckpointer()
     try:
-        ckptr.save(path, tree, force=True)
+        ckptr.save(path, _savable(tree), force=True)
         ckptr.wait_until_finished()
     finally:
         ckptr.close()

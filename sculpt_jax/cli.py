@@ -131,6 +131,10 @@ def parse(argv: list[str]):
             overrides.setdefault(key, str(value))
     if args.quiet:
         overrides["progress"] = "false"
+    import jax
+
+    if jax.process_index() > 0:  # process 0 draws the progress bars of a multi-process job
+        overrides["progress"] = "false"
     try:
         config_lib.apply_overrides(cfg, overrides)
     except (KeyError, ValueError) as e:
@@ -148,8 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax._src.xla_bridge", "orbax", "tensorflow_datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from sculpt_jax import config as config_lib
+    from sculpt_jax import sharding as shd
 
     config_lib.use_fast_prng()
+    try:  # before anything touches a JAX backend (importing the pipeline does)
+        if shd.initialize_distributed(_wants_distributed(argv)):
+            _log_processes()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from sculpt_jax import checkpoint as ckpt
     from sculpt_jax import pipeline
 
@@ -180,6 +191,30 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)
         return 2
+
+
+def _wants_distributed(argv: list[str]) -> bool:
+    """``--config.distributed=true`` (or ``--config.distributed true``) on the command line: read
+    before parsing, since the processes must join before any JAX backend use."""
+    for i, item in enumerate(argv):
+        if item.startswith("--config.distributed"):
+            value = item.partition("=")[2] if "=" in item else (argv[i + 1] if i + 1 < len(argv)
+                                                                else "")  # fmt: skip
+            return value.strip().lower() in ("1", "true", "yes")
+    return False
+
+
+def _log_processes() -> None:
+    """In a multi-process job: log lines carry ``[process i/P]``; processes other than 0 log
+    warnings and errors only (process 0 speaks for the job)."""
+    import jax
+
+    i, n = jax.process_index(), jax.process_count()
+    fmt = f"%(levelname)s [process {i}/{n}] %(name)s: %(message)s"
+    for h in logging.getLogger().handlers:
+        h.setFormatter(logging.Formatter(fmt))
+    if i:
+        logging.getLogger("sculpt_jax").setLevel(logging.WARNING)
 
 
 def _log_devices() -> None:

@@ -51,6 +51,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.input.workers = 0  # grain worker processes decoding (0: in the main process, 2 threads)
     # Image folders: auto (stream from disk above data.STREAM_THRESHOLD_BYTES) | memory | stream
     c.input.folder_mode = "auto"
+    # Many hosts: join a multi-process job with JAX's cluster auto-detection (TPU pod slices,
+    # SLURM, Open MPI). Read by the CLI before parsing; SCULPT_NUM_PROCESSES > 1 (with
+    # SCULPT_PROCESS_ID, SCULPT_COORDINATOR) joins one without this flag. `devices` is then global.
+    c.distributed = False
 
     c.pretrain = ml_collections.ConfigDict()
     c.pretrain.checkpoint = ""  # a pretrained workdir/checkpoint to start from instead of training

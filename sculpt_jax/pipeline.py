@@ -85,33 +85,62 @@ class Setup:
 
 
 def device_count(devices: int) -> int:
-    """Devices a job uses: `devices` (the config field ``devices``; 0 = all local ones).
-    ValueError naming the field when it asks for more than there are, or a negative number."""
+    """Devices a job uses: `devices` (the config field ``devices``; 0 = all of them).
+
+    In a multi-process job (`sharding.initialize_distributed`) the count is GLOBAL: 0 = every
+    device of every process, N = N / P on each of the P processes (N a multiple of P, at most the
+    local count each). ValueError naming the field when it asks for more than there are, for a
+    negative number, or for a count the processes cannot split evenly."""
     want, have = int(devices), jax.device_count()
+    n_proc, local = jax.process_count(), jax.local_device_count()
     if want < 0 or want > have:
+        where = "this machine has" if n_proc == 1 else f"the {n_proc} processes have"
         raise ValueError(
-            f"devices={want} but this machine has {have} {jax.devices()[0].platform} device(s); "
+            f"devices={want} but {where} {have} {jax.devices()[0].platform} device(s); "
             f"set --config.devices to 1..{have} (0 = all of them)"
+        )
+    if n_proc > 1 and want % n_proc:
+        raise ValueError(
+            f"devices={want} cannot be split over the {n_proc} processes of this job (each uses "
+            f"the same number of its {local} local devices); set --config.devices to a multiple of "
+            f"{n_proc} up to {have} (0 = all of them)"
         )
     return want or have
 
 
 def check_batches(n: int, sizes: dict) -> None:
     """ValueError naming the field and the fix unless every batch size {field: size} divides
-    by the `n` devices a job shards its batches over."""
+    by the `n` devices a job shards its batches over (in a multi-process job: processes x local
+    devices, each process placing its own rows of every batch)."""
+    n_proc = jax.process_count()
     for key, bs in sizes.items():
-        if int(bs) % n:
+        if n_proc > 1 and int(bs) < n_proc:
             raise ValueError(
-                f"{key}={bs} is not divisible by the {n} devices the job shards its batches over; "
-                f"set {key}={max(n, int(bs) // n * n)} (a multiple of {n}) or use fewer devices "
-                f"(devices=1, e.g. --config.devices=1)"
+                f"{key}={bs} is smaller than the {n_proc} processes of this job: each process "
+                f"feeds its own rows of every batch; set {key} to a multiple of {n} (>= {n})"
+            )
+        if int(bs) % n:
+            how = (f"{n // n_proc} per process x {n_proc} processes" if n_proc > 1
+                   else "the job shards its batches over")  # fmt: skip
+            fewer = ("fewer devices per process (--config.devices)" if n_proc > 1
+                     else "fewer devices (devices=1, e.g. --config.devices=1)")  # fmt: skip
+            raise ValueError(
+                f"{key}={bs} is not divisible by the {n} devices ({how}); "
+                f"set {key}={max(n, int(bs) // n * n)} (a multiple of {n}) or use {fewer}"
             )
 
 
 def mesh_of(n: int):
-    """The 1-D ("data",) mesh over the first `n` local devices; None for one device, so that a
+    """The 1-D ("data",) mesh over `n` devices: the first `n` local devices in one process, the
+    first n / P of each process's in a job of P processes (process by process, so each process
+    owns a contiguous block of every batch). None for one device in one process, so that a
     one-device run is exactly the unsharded program."""
-    return None if n == 1 else shd.make_mesh(jax.devices()[:n])
+    n_proc = jax.process_count()
+    if n_proc == 1:
+        return None if n == 1 else shd.make_mesh(jax.devices()[:n])
+    per = n // n_proc
+    by_proc = [[d for d in jax.devices() if d.process_index == p][:per] for p in range(n_proc)]
+    return shd.make_mesh([d for ds in by_proc for d in ds])
 
 
 def make_mesh(cfg):
@@ -504,6 +533,17 @@ def make_search_setup(cfg, s: Setup, variables) -> SearchSetup:
                        s.apply_fn)  # fmt: skip
 
 
+def evaluate_candidates(env, pattern_ids) -> dict:
+    """`env.evaluate` of stacked ``[K, n_nodes]`` pattern ids as host numpy arrays (host-only).
+    With a mesh the ids enter replicated and the results leave replicated, so every process of
+    a multi-process job reads all K candidates' numbers."""
+    if env.mesh is None:
+        return jax.tree.map(np.asarray, jax.jit(env.evaluate)(env.consts, jnp.asarray(pattern_ids)))
+    repl = shd.replicated(env.mesh)
+    ids = shd.replicate(np.asarray(pattern_ids), env.mesh)
+    return shd.to_host(jax.jit(env.evaluate, out_shardings=repl)(env.consts, ids))
+
+
 def sensitivity_features(env, decoder) -> np.ndarray:
     """Per-layer sensitivity as a node feature f32 [n_nodes, 1] (host, L + 1 evaluations).
 
@@ -520,7 +560,7 @@ def sensitivity_features(env, decoder) -> np.ndarray:
         c = keep.copy()
         c[nodes] = ids[nodes]
         cands.append(c)
-    acc = np.asarray(jax.jit(env.evaluate)(env.consts, jnp.asarray(np.stack(cands)))["accuracy"])
+    acc = evaluate_candidates(env, np.stack(cands))["accuracy"]
     drop = (acc[0] - acc[1:]) / max(float(acc[0]), 1e-3)
     feat = np.zeros((spec.n_nodes, 1), np.float32)
     for nodes, d in zip(spec.layer_nodes, drop, strict=True):
@@ -646,7 +686,7 @@ def rescore(ss: SearchSetup, best: list[dict]) -> list[dict]:
                             library=ss.library, calib_images=ss.calib,
                             config=ss.env.config, mesh=ss.env.mesh)  # fmt: skip
     ids = jnp.asarray(np.stack([c["pattern_ids"] for c in best]))
-    acc = np.asarray(jax.jit(held.evaluate)(held.consts, ids)["accuracy"])
+    acc = evaluate_candidates(held, ids)["accuracy"]
     out = [dict(c, heldout_accuracy=float(a)) for c, a in zip(best, acc, strict=True)]
     return sorted(out, key=lambda c: -c["heldout_accuracy"])
 
@@ -971,5 +1011,6 @@ def run(cfg, *, overwrite: bool = False) -> dict:
     from sculpt_jax import report
 
     report.write_run_report(os.path.join(cfg.workdir, "report"), row, searched, cfg)
-    print(report.format_row_table([row]))
+    if shd.is_primary():
+        print(report.format_row_table([row]))
     return row

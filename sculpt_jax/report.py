@@ -331,7 +331,16 @@ def rows_to_csv(rows: Sequence[Mapping]) -> str:
     return buf.getvalue()
 
 
+def _primary() -> bool:
+    """Only process 0 of a multi-process job writes reports (`sharding.is_primary`)."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _write_text(path: str, text: str) -> None:
+    if not _primary():
+        return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".part"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -386,6 +395,8 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str) -> str:
+    if not _primary():
+        return path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, format="png")
     return path
@@ -820,8 +831,12 @@ def write_run_report(
       cfg: the run's ConfigDict (or a mapping); ``cfg.report.plots = False`` skips the plots.
     Returns:
       {"report", "results_json", "results_csv", "plots": {name: path}, "skipped": {name: why}}.
+      On a process other than 0 of a multi-process job nothing is written and every path is None.
     """
     report_dir = os.path.abspath(os.fspath(report_dir))
+    if not _primary():
+        return {"report": None, "results_json": None, "results_csv": None, "plots": {},
+                "skipped": {}}  # fmt: skip
     workdir = os.path.dirname(report_dir)
     os.makedirs(report_dir, exist_ok=True)
     row = dict(row)

@@ -298,9 +298,14 @@ def _make_step_fn(apply_fn: ApplyFn, tx, augment_fn, label_smoothing: float):
 def _with_batch_check(jitted, mesh, batch_argnum: int):
     """Wraps a mesh-sharded jitted function with the clear batch-divisibility error."""
 
+    many_hosts = not shd.data_sharding(mesh).is_fully_addressable
+
     @functools.wraps(jitted)
     def wrapper(*args):
         shd.check_batch(args[batch_argnum], mesh)
+        if many_hosts:  # numpy / one-process arrays cannot enter a multi-process program as is
+            args = tuple(shd.shard_batch(a, mesh) if i == batch_argnum else shd.replicate(a, mesh)
+                         for i, a in enumerate(args))  # fmt: skip
         return jitted(*args)
 
     wrapper.jitted = jitted
@@ -948,8 +953,9 @@ def fit(
             )
             try:
                 for i, batch in enumerate(bar, start=b0):
-                    if mesh is not None:
-                        batch = shd.shard_batch(batch, mesh)
+                    if mesh is not None:  # grain: each process iterates only its own rows
+                        put = shd.shard_local_batch if use_grain else shd.shard_batch
+                        batch = put(batch, mesh)
                     state, m = train_step(state, batch, train_key)
                     step_metrics.append(m)
                     steps_this_call += 1

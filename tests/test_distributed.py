@@ -1,0 +1,148 @@
+"""Many hosts (JAX's multi-controller runtime) on one machine: TWO CPU processes joined through a
+localhost coordinator with gloo collectives, one fake device each, run the smoke main job; they
+give the masks and metrics of the one-process run on two devices, and results.json is written
+once (by process 0) with the global device count. An inconsistent multi-process environment is
+one clear error before any work.
+
+Every subprocess has a timeout so that a hung collective cannot block the suite.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from sculpt_jax import sharding as shd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = ["--model", "resnet8_tiny", "--config.max_train_examples=256",
+         "--config.pretrain.epochs=1", "--config.pretrain.batch_size=32",
+         "--config.search.method=random", "--config.search.iterations=1",
+         "--config.search.n_envs=3", "--config.search.n_steps=1",
+         "--config.search.target_flops=0.5", "--config.search.tolerance=0.05",
+         "--config.search.top_k=1", "--config.search.reward_set_size=64",
+         "--config.search.heldout_size=0", "--config.search.bn_recalib_batches=1",
+         "--config.search.bn_recalib_batch_size=32", "--config.finetune.epochs=1",
+         "--config.finetune.batch_size=32", "--config.report.latency=False",
+         "--config.report.plots=False", "--config.tensorboard=False", "--quiet"]  # fmt: skip
+TIMEOUT = 400
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SCULPT_")}
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(workdir: str, *more: str) -> list[str]:
+    return [sys.executable, "-m", "sculpt_jax", "run", "--workdir", workdir, *SMOKE, *more]
+
+
+def _run_two(workdir: str, *more: str) -> list[subprocess.CompletedProcess]:
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = _env(SCULPT_NUM_PROCESSES="2", SCULPT_PROCESS_ID=str(i),
+                   SCULPT_COORDINATOR=f"localhost:{port}")  # fmt: skip
+        procs.append(subprocess.Popen(_cmd(workdir, *more), env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    out = []
+    try:
+        for p in procs:
+            so, se = p.communicate(timeout=TIMEOUT)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, so, se))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+def _row(workdir: str) -> dict:
+    with open(os.path.join(workdir, "report", "results.json")) as f:
+        return json.load(f)["row"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):  # two smoke main jobs (1 process x 2 devices, 2 processes x 1): ~3 min
+    tmp = tmp_path_factory.mktemp("dist")
+    one = subprocess.run(_cmd(str(tmp / "one")), cwd=ROOT, capture_output=True, text=True,
+                         timeout=TIMEOUT,
+                         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run_two(str(tmp / "two"))
+    for p in two:
+        assert p.returncode == 0, f"{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    return {"tmp": tmp, "two": two}
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(runs):
+    tmp = runs["tmp"]
+    one, two = _row(str(tmp / "one")), _row(str(tmp / "two"))
+    assert one["device_count"] == two["device_count"] == 2
+    ids = [json.load(open(tmp / n / "export" / "pattern_ids.json")) for n in ("one", "two")]
+    assert ids[0] == ids[1], "the same masks from two processes as from one"
+    for k in ("dense_val_accuracy", "dense_test_accuracy", "val_accuracy", "test_accuracy",
+              "search_val_accuracy_before_finetune", "flops_reduction", "params_reduction"):
+        assert two[k] == pytest.approx(one[k], abs=1e-6), k
+
+
+@pytest.mark.slow
+def test_only_process_0_writes_and_logs(runs):
+    p0, p1 = runs["two"]
+    assert "| resnet8_tiny |" in p0.stdout and "| resnet8_tiny |" not in p1.stdout
+    assert "[process 0/2]" in p0.stderr and "INFO [process 1/2] sculpt_jax" not in p1.stderr
+    tmp = runs["tmp"]
+    lines = open(tmp / "two" / "pretrain" / "metrics.jsonl").read().splitlines()
+    assert len(lines) == 2, lines  # one epoch record + the final record, not one per process
+    leftovers = [f for f in os.listdir(tmp / "two" / "report") if f.endswith((".part", ".tmp"))]
+    assert not leftovers
+
+
+def test_inconsistent_environment_is_one_clear_error(tmp_path):
+    cases = [
+        ({"SCULPT_NUM_PROCESSES": "2", "SCULPT_PROCESS_ID": "0"}, "SCULPT_COORDINATOR"),
+        ({"SCULPT_NUM_PROCESSES": "2", "SCULPT_PROCESS_ID": "2",
+          "SCULPT_COORDINATOR": "localhost:1"}, "out of range"),  # fmt: skip
+        ({"SCULPT_NUM_PROCESSES": "2", "SCULPT_COORDINATOR": "localhost:1"}, "SCULPT_PROCESS_ID"),
+        ({"SCULPT_PROCESS_ID": "1"}, "SCULPT_NUM_PROCESSES"),
+        ({"SCULPT_NUM_PROCESSES": "two"}, "must be integers"),
+    ]
+    for env, want in cases:
+        with pytest.raises(ValueError, match=want):
+            shd.distributed_env(env)
+    assert shd.distributed_env({}) is None
+    assert shd.distributed_env({"SCULPT_NUM_PROCESSES": "1"}) is None
+    assert shd.distributed_env({"SCULPT_NUM_PROCESSES": "2", "SCULPT_PROCESS_ID": "1",
+                                "JAX_COORDINATOR_ADDRESS": "h:5"})["process_id"] == 1
+    # Through the CLI: exit code 2, the message, nothing written.
+    wd = tmp_path / "w"
+    p = subprocess.run(_cmd(str(wd)), cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env=_env(SCULPT_NUM_PROCESSES="2", SCULPT_PROCESS_ID="5",
+                                SCULPT_COORDINATOR="localhost:1"))  # fmt: skip
+    assert p.returncode == 2 and "SCULPT_PROCESS_ID=5 is out of range" in p.stderr, p.stderr
+    assert not wd.exists()
+
+
+@pytest.mark.slow
+def test_batch_the_processes_cannot_split_fails_before_work(tmp_path):
+    wd = tmp_path / "w"
+    out = _run_two(str(wd), "--config.finetune.batch_size=31")
+    for p in out:
+        assert p.returncode == 2, p.stderr[-2000:]
+        assert "finetune.batch_size=31 is not divisible by the 2 devices" in p.stderr
+        assert "1 per process x 2 processes" in p.stderr
+    assert not (wd / "config.json").exists()
