@@ -248,8 +248,10 @@ def test_sharded_search_equals_unsharded_and_resumes(search_result):
     assert r["resumed"], "the 4-device search must resume from its orbax checkpoint"
     assert r["same_best_ids"], r
     np.testing.assert_allclose(r["acc"][1], r["acc"][0], atol=1e-6)
-    # the policy update is replicated, compiled in another program: float-rounding differences
-    assert r["state_worst_rel"] < 1e-4, r
+    # the policy update is replicated, compiled in another program: float-rounding differences,
+    # which depend on the host CPU's code generation (the same commit measured < 1e-4 on an AMD
+    # EPYC host and 2.5e-4 on a Xeon one); the accuracies and chosen ids above stay exact
+    assert r["state_worst_rel"] < 1e-3, r
     assert r["state_replicated_on"] == 4, "the search state must stay replicated on the mesh"
     assert r["cache_size"] == 1, "fresh, resumed and restored states must share one compile"
     assert max(r["staged_diffs"]) < 1e-6  # successive halving: 5 -> 8 and 3 -> 4 padded
