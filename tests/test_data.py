@@ -680,6 +680,46 @@ def test_every_split_of_every_path_has_the_model_input_shape(tmp_path, size):
         )
 
 
+def _write_imagenet_tree(root: Path, n_classes: int) -> None:
+    """An ILSVRC-style folder tree: ``n_classes`` synset folders, variable-size RGB JPEGs (train: a
+    landscape and a portrait image per class; test: one)."""
+    rng = np.random.default_rng(0)
+    for split, sizes in (("train", ((30, 40), (44, 28))), ("test", ((36, 36),))):
+        for c in range(n_classes):
+            d = root / split / f"n{c:08d}"
+            d.mkdir(parents=True)
+            for k, (h, w) in enumerate(sizes):
+                px = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                Image.fromarray(px).save(d / f"n{c:08d}_{k}.JPEG", quality=90)
+
+
+def test_imagenet2012_folder_tree_streams_with_the_imagenet_transforms(tmp_path):
+    """`imagenet2012` given a 1,000-class folder tree (the ILSVRC train/val layout) always streams
+    (nothing decoded up front), stores train at the resize side for the random-resized crop, gives
+    val (carved from train) and test the eval transform of the same files, and the ImageNet
+    normalisation; the wrong number of classes is one clear error."""
+    _write_imagenet_tree(tmp_path / "few", 999)
+    with pytest.raises(ValueError, match="999 classes but name='imagenet2012' expects 1000"):
+        data.load_dataset("imagenet2012", tmp_path / "few", val_size=10, cache_dir=tmp_path / "c")
+    root = tmp_path / "ilsvrc"
+    _write_imagenet_tree(root, 1000)
+    size = 32
+    s = data.load_dataset("imagenet2012", root, val_size=100, image_size=size,
+                          cache_dir=tmp_path / "c")  # fmt: skip
+    stored = round(size * 256 / 224)
+    assert s.num_classes == 1000 and (s.mean, s.std) == (data.IMAGENET_MEAN, data.IMAGENET_STD)
+    assert (s.train.n, s.val.n, s.test.n) == (1900, 100, 1000)
+    for split in (s.train, s.val, s.test):
+        assert isinstance(split.images, data.FolderImages)
+    assert "streamed" in s.source
+    _assert_model_shapes(s, (stored, stored, 3))
+    for split in (s.val, s.test):  # resize 256 (scaled) + centre crop 224 (scaled) of the file
+        path = split.images.paths[int(split.images.index[0])]
+        with Image.open(path) as im:
+            want = data.center_crop_resize(np.asarray(im.convert("RGB")), stored, size)
+        np.testing.assert_array_equal(split.images[np.arange(1)][0], want)
+
+
 def _vgg_imagenet_head_tiny(num_classes: int):
     from sculpt_jax.models import vgg
 
