@@ -54,6 +54,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -1171,6 +1172,28 @@ def _load_tfds_arrays(name: str, tfds_dir: Path, progress: bool) -> tuple[dict, 
     return splits, names, f"tensorflow-datasets {name} (array_record) at {vdir}"
 
 
+def _decode_into(out: np.ndarray, decode: Callable[[Any], np.ndarray], items: Sequence
+                 ) -> np.ndarray:  # fmt: skip
+    """``out[j] = decode(items[j])`` for every j (host-only), on up to `os.cpu_count()` threads
+    when there are enough items: Pillow releases the GIL while it decodes and resizes, so the
+    reward, held-out and BatchNorm sets of a streamed dataset (materialised once per search)
+    decode on every core. Results land at their own index (the order never depends on the
+    threads); the first error is raised as is."""
+    threads = min(len(items) // 16, os.cpu_count() or 1)
+    if threads <= 1:
+        for j, item in enumerate(items):
+            out[j] = decode(item)
+        return out
+
+    def one(j):
+        out[j] = decode(items[j])
+
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(one, range(len(items))):
+            pass
+    return out
+
+
 class LazyImages:
     """Random-access images decoded and resized on indexing (host-only; ImageNet).
 
@@ -1215,9 +1238,7 @@ class LazyImages:
         if isinstance(idx, slice | list) or (isinstance(idx, np.ndarray) and idx.ndim == 1):
             recs = _read_records(self.source, sel.reshape(-1))
             out = np.empty((len(recs), self.size, self.size, 3), np.uint8)
-            for j, r in enumerate(recs):
-                out[j] = self._decode(r["image"])
-            return out
+            return _decode_into(out, self._decode, [r["image"] for r in recs])
         raise TypeError(f"LazyImages: index with an int, slice or 1-D int array, not {type(idx)}.")
 
     def take(self, idx: np.ndarray) -> LazyImages:
@@ -1333,9 +1354,8 @@ class FolderImages:
         sel = self.index[idx]
         if isinstance(idx, slice | list) or (isinstance(idx, np.ndarray) and idx.ndim == 1):
             out = np.empty((len(sel), *self.size, self.channels), np.uint8)
-            for j, i in enumerate(np.asarray(sel).reshape(-1)):
-                out[j] = self.decode(self.paths[i])
-            return out
+            paths = [self.paths[i] for i in np.asarray(sel).reshape(-1)]
+            return _decode_into(out, self.decode, paths)
         raise TypeError(f"FolderImages: index with an int, slice or 1-D int array, not {type(idx)}.")
 
     def take(self, idx: np.ndarray) -> FolderImages:

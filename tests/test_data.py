@@ -720,6 +720,25 @@ def test_imagenet2012_folder_tree_streams_with_the_imagenet_transforms(tmp_path)
         np.testing.assert_array_equal(split.images[np.arange(1)][0], want)
 
 
+def test_streamed_sets_decode_on_threads_in_order_and_fail_naming_a_corrupt_file(tmp_path):
+    """Materialising a streamed set (the search's reward / held-out / BatchNorm sets) decodes on
+    a thread pool: the result equals decoding one file at a time, in order; a corrupt JPEG among
+    them fails naming that file."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for k in range(48):
+        h, w = (30, 40) if k % 2 else (44, 28)
+        paths.append(str(tmp_path / f"{k:02d}.jpg"))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    images = data.FolderImages(paths, None, 37, (32, 32), 3)
+    idx = rng.permutation(48)
+    want = np.stack([images[int(i)] for i in idx])
+    np.testing.assert_array_equal(images[idx], want)
+    (tmp_path / "33.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="33.jpg"):
+        images[np.arange(48)]
+
+
 def _vgg_imagenet_head_tiny(num_classes: int):
     from sculpt_jax.models import vgg
 
