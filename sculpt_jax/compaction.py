@@ -87,11 +87,10 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
 
-from sculpt_jax import checkpoint, flops, masking
+from sculpt_jax import checkpoint, flops, masking, trace
 from sculpt_jax.tree_util import flatten_with_paths, path_of
 from sculpt_jax.types import LayerGraph
 
@@ -343,24 +342,8 @@ class _Interp:
         self.pvals: dict = {}
 
     def run(self, jaxpr, consts, args):
-        env: dict = {}
-
-        def read(v):
-            if isinstance(v, jcore.Literal):
-                return _P(np.asarray(v.val) if self.record else v.val)
-            return env[v]
-
-        for v, val in zip(jaxpr.constvars, consts, strict=True):
-            env[v] = val
-        for v, val in zip(jaxpr.invars, args, strict=True):
-            env[v] = val
-        for eqn in jaxpr.eqns:
-            ins = [read(v) for v in eqn.invars]
-            outs = self.eqn(eqn, ins)
-            for v, val in zip(eqn.outvars, outs, strict=True):
-                if not isinstance(v, jcore.DropVar):
-                    env[v] = val
-        return [read(v) for v in jaxpr.outvars]
+        literal = lambda val: _P(np.asarray(val) if self.record else val)  # noqa: E731
+        return trace.walk_jaxpr(jaxpr, consts, args, self.eqn, literal)
 
     def run_closed(self, closed, args):
         if hasattr(closed, "consts"):
@@ -995,40 +978,27 @@ def _param_pass(closed, leaves):
     counter = [0]
     res: dict = {}
 
+    def eqn_values(eqn, ins):
+        name = eqn.primitive.name
+        if name in _CALLS and _CALLS[name] in eqn.params:
+            sub = eqn.params[_CALLS[name]]
+            n = len(sub.jaxpr.invars if hasattr(sub, "jaxpr") else sub.invars)
+            sub_args = ins[len(ins) - n :] if n < len(ins) else ins
+            if hasattr(sub, "consts"):
+                return run(sub.jaxpr, list(sub.consts), sub_args)
+            return run(sub, [], sub_args)
+        if any(x is None for x in ins):
+            return [None] * len(eqn.outvars)
+        pid = counter[0]
+        counter[0] += 1
+        outs = eqn.primitive.bind(*ins, **eqn.params)
+        outs = outs if eqn.primitive.multiple_results else [outs]
+        for k, o in enumerate(outs):
+            res[f"{pid}:{k}"] = o
+        return outs
+
     def run(jaxpr, consts, args):
-        env: dict = {}
-
-        def read(v):
-            return v.val if isinstance(v, jcore.Literal) else env[v]
-
-        for v, val in zip(jaxpr.constvars, consts, strict=True):
-            env[v] = val
-        for v, val in zip(jaxpr.invars, args, strict=True):
-            env[v] = val
-        for eqn in jaxpr.eqns:
-            ins = [read(v) for v in eqn.invars]
-            name = eqn.primitive.name
-            if name in _CALLS and _CALLS[name] in eqn.params:
-                sub = eqn.params[_CALLS[name]]
-                n = len(sub.jaxpr.invars if hasattr(sub, "jaxpr") else sub.invars)
-                sub_args = ins[len(ins) - n :] if n < len(ins) else ins
-                if hasattr(sub, "consts"):
-                    outs = run(sub.jaxpr, list(sub.consts), sub_args)
-                else:
-                    outs = run(sub, [], sub_args)
-            elif any(x is None for x in ins):
-                outs = [None] * len(eqn.outvars)
-            else:
-                pid = counter[0]
-                counter[0] += 1
-                outs = eqn.primitive.bind(*ins, **eqn.params)
-                outs = outs if eqn.primitive.multiple_results else [outs]
-                for k, o in enumerate(outs):
-                    res[f"{pid}:{k}"] = o
-            for v, val in zip(eqn.outvars, outs, strict=True):
-                if not isinstance(v, jcore.DropVar):
-                    env[v] = val
-        return [read(v) for v in jaxpr.outvars]
+        return trace.walk_jaxpr(jaxpr, consts, args, eqn_values, lambda val: val)
 
     run(closed.jaxpr, list(closed.consts), list(leaves) + [None])
     return res

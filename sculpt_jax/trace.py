@@ -448,6 +448,29 @@ class _UnionFind:
             self.parent[max(ri, rj)] = min(ri, rj)
 
 
+
+def walk_jaxpr(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
+               eval_eqn: Callable[[Any, list[Any]], Sequence[Any]],
+               literal: Callable[[Any], Any]) -> list[Any]:  # fmt: skip
+    """The package's one jaxpr interpreter loop (host-only), shared by the tracer's abstract
+    evaluation here and `compaction`'s record / replay: binds ``jaxpr``'s constvars to
+    ``consts`` and invars to ``args``, runs ``eval_eqn(eqn, input values) -> output values`` on
+    every equation in order (dropped outputs are not stored) and returns the outvars' values. A
+    literal operand reads as ``literal(its value)``."""
+    env: dict = {}
+
+    def read(v: Any) -> Any:
+        return literal(v.val) if isinstance(v, jcore.Literal) else env[v]
+
+    env.update(zip(jaxpr.constvars, consts, strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+    for eqn in jaxpr.eqns:
+        outs = eval_eqn(eqn, [read(v) for v in eqn.invars])
+        for v, val in zip(eqn.outvars, outs, strict=True):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = val
+    return [read(v) for v in jaxpr.outvars]
+
 class _Tracer:
     """Host interpreter of a jaxpr over `_Derived` / `_Act` values (see module docstring)."""
 
@@ -463,24 +486,7 @@ class _Tracer:
     # ---- generic evaluation -------------------------------------------------------------
 
     def eval_jaxpr(self, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
-        env: dict = {}
-
-        def read(v: Any) -> Any:
-            if isinstance(v, jcore.Literal):
-                return _const(v.val)
-            return env[v]
-
-        for v, val in zip(jaxpr.constvars, consts, strict=True):
-            env[v] = val
-        for v, val in zip(jaxpr.invars, args, strict=True):
-            env[v] = val
-        for eqn in jaxpr.eqns:
-            ins = [read(v) for v in eqn.invars]
-            outs = self.eval_eqn(eqn, ins)
-            for v, val in zip(eqn.outvars, outs, strict=True):
-                if not isinstance(v, jcore.DropVar):
-                    env[v] = val
-        return [read(v) for v in jaxpr.outvars]
+        return walk_jaxpr(jaxpr, consts, args, self.eval_eqn, _const)
 
     def eval_closed(self, closed: Any, args: Sequence[Any]) -> list[Any]:
         if hasattr(closed, "consts"):
