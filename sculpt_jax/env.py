@@ -195,14 +195,17 @@ def probe_bn_momentum(apply_fn, variables, x) -> Any:
 
     def run(fill):
         v = dict(variables, batch_stats=jax.tree.map(lambda s: jnp.full_like(s, fill), stats))
-        _, upd = apply_fn(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": _KEY0})
+        _, upd = apply_fn(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": _dropout_key()})
         return upd["batch_stats"]
 
     new0, new1 = run(0.0), run(1.0)
     return jax.tree.map(lambda a, b: float(np.mean(np.asarray(b) - np.asarray(a))), new0, new1)
 
 
-_KEY0 = jax.random.key(0)
+def _dropout_key() -> jax.Array:
+    """The fixed dropout key of the train-mode BatchNorm passes, made on call: a key made at import
+    would start a JAX backend before `sharding.initialize_distributed` could join a cluster."""
+    return jax.random.key(0)
 
 
 def make_bn_recalibrate(apply_fn, variables, calib_images: np.ndarray | None):
@@ -222,7 +225,7 @@ def make_bn_recalibrate(apply_fn, variables, calib_images: np.ndarray | None):
 
         def one(acc, x):
             v = {"params": params, "batch_stats": zeros}
-            _, upd = apply_fn(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": _KEY0})
+            _, upd = apply_fn(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": _dropout_key()})
             batch = jax.tree.map(lambda s, m: s / (1.0 - m), upd["batch_stats"], momentum)
             return jax.tree.map(jnp.add, acc, batch), None
 
