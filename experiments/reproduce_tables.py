@@ -29,6 +29,7 @@ import traceback
 
 from sculpt_jax import checkpoint as ckpt
 from sculpt_jax import config as config_lib
+from sculpt_jax import paths as paths_lib
 from sculpt_jax import report
 
 PUBLISHED_CLAIMS = (
@@ -76,7 +77,7 @@ def run_config(spec: str, seed: int, out: str, overrides: dict[str, str], quiet:
     cfg = config_lib.load_config(spec)
     over = dict(overrides)
     over["seed"] = str(seed)
-    over["workdir"] = os.path.join(os.path.abspath(out), config_name(spec), f"seed{seed}")
+    over["workdir"] = os.path.join(paths_lib.resolve(out), config_name(spec), f"seed{seed}")
     if quiet:
         over["progress"] = "false"
     config_lib.apply_overrides(cfg, over)
@@ -157,12 +158,10 @@ def tables_markdown(aggregated, runs, failures, command: str) -> str:
 
 def write_tables(out, aggregated, runs, failures, command: str) -> dict:
     """Writes tables.md, tables.csv (aggregated rows) and tables.json; returns their paths."""
-    os.makedirs(out, exist_ok=True)
+    out = paths_lib.resolve(out)  # a local folder or a gs:// URL
     paths = {k: os.path.join(out, f"tables.{k}") for k in ("md", "csv", "json")}
-    with open(paths["md"], "w", encoding="utf-8") as f:
-        f.write(tables_markdown(aggregated, runs, failures, command))
-    with open(paths["csv"], "w", encoding="utf-8") as f:
-        f.write(report.rows_to_csv(aggregated))
+    paths_lib.write_text(paths["md"], tables_markdown(aggregated, runs, failures, command))
+    paths_lib.write_text(paths["csv"], report.rows_to_csv(aggregated))
     claims = [{"source": s, "model_data": m, "claim": c} for s, m, c in PUBLISHED_CLAIMS]
     ckpt.save_json(
         paths["json"],

@@ -41,6 +41,7 @@ from sculpt_jax import config as config_lib
 from sculpt_jax import data as data_lib
 from sculpt_jax import flops as flops_lib
 from sculpt_jax import graph as graph_lib
+from sculpt_jax import paths as paths_lib
 from sculpt_jax import trace as trace_lib
 from sculpt_jax import training as ft
 
@@ -274,7 +275,7 @@ def _splits(train, val, num_classes: int) -> data_lib.DataSplits:
 @contextlib.contextmanager
 def _workdir(workdir: str | os.PathLike | None):
     if workdir is not None:
-        yield os.path.abspath(os.fspath(workdir))
+        yield paths_lib.check_workdir(workdir)  # before any long work
         return
     with tempfile.TemporaryDirectory(prefix="sculpt_jax_") as d:
         yield d

@@ -14,7 +14,8 @@ One of the few modules that touch the filesystem (DESIGN.md section 2); everythi
 * `save_pytree` / `load_pytree`: one pytree at one path (exports of final params and masks).
 * `save_json` / `load_json` / `append_jsonl` / `read_jsonl` / `write_jsonl`: summaries and metrics,
   `log_scalars`: the same metrics as TensorBoard scalars (tensorboardX, optional),
-  written atomically (temporary file + rename) where a whole file is written.
+  written atomically (temporary file + rename) where a whole file is written; a workdir may be
+  a URL (`sculpt_jax.paths`: one whole upload per file there, appends rewrite the file).
 
 Many processes (`sharding.initialize_distributed`): every process calls the same functions in the
 same order. Orbax saves and restores collectively (all processes call; the workdir must be storage
@@ -34,8 +35,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -44,6 +43,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sculpt_jax import paths
 from sculpt_jax.tree_util import path_of
 
 log = logging.getLogger(__name__)
@@ -120,19 +120,7 @@ def _savable(tree: Any) -> Any:
 def _atomic_write_text(path: str, text: str) -> None:
     if not _primary():
         return
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    paths.write_text(path, text)  # local: tmp file + rename; a URL: one whole upload
 
 
 def save_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
@@ -142,24 +130,20 @@ def save_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> N
 
 def load_json(path: str | os.PathLike) -> Any:
     """Reads a JSON file; FileNotFoundError / ValueError naming the path when absent / invalid."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+    path = paths.resolve(path)
+    if not paths.isfile(path):
         raise FileNotFoundError(f"JSON file {path!r} not found; check the path or the --workdir.")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path!r} is not valid JSON ({e}); delete or regenerate it.") from e
+    try:
+        return json.loads(paths.read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path!r} is not valid JSON ({e}); delete or regenerate it.") from e
 
 
 def append_jsonl(path: str | os.PathLike, record: Mapping[str, Any]) -> None:
     """Appends one JSON line (a metrics record) to `path`, creating folders as needed."""
     if not _primary():
         return
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(to_jsonable(record)) + "\n")
+    paths.append_text(path, json.dumps(to_jsonable(record)) + "\n")
 
 
 def write_jsonl(path: str | os.PathLike, records: list[Mapping[str, Any]]) -> None:
@@ -173,7 +157,8 @@ _TB_STATE = {"warned": False}
 
 def _close_writers() -> None:
     for w in _TB_WRITERS.values():
-        w.close()
+        if w is not None:
+            w.close()
     _TB_WRITERS.clear()
 
 
@@ -192,12 +177,21 @@ def log_scalars(logdir: str | os.PathLike, record: Mapping[str, Any], step: int)
                      "(pip install tensorboardX for TensorBoard event files)")  # fmt: skip
             _TB_STATE["warned"] = True
         return False
-    key = os.path.abspath(os.fspath(logdir))
+    key = paths.resolve(logdir)
     if key not in _TB_WRITERS:
         if not _TB_WRITERS:
             atexit.register(_close_writers)
-        _TB_WRITERS[key] = SummaryWriter(key)
+        try:  # tensorboardX writes gs:// with google-cloud-storage, s3:// with boto3
+            _TB_WRITERS[key] = SummaryWriter(key)
+        except Exception as e:  # noqa: BLE001 - metrics.jsonl still has every record
+            if not paths.is_url(key):
+                raise
+            log.warning("no TensorBoard events at %s (%s: %s); metrics.jsonl has them", key,
+                        type(e).__name__, e)  # fmt: skip
+            _TB_WRITERS[key] = None
     w = _TB_WRITERS[key]
+    if w is None:
+        return False
     for k, v in record.items():
         if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
             if np.isfinite(float(v)):
@@ -208,12 +202,11 @@ def log_scalars(logdir: str | os.PathLike, record: Mapping[str, Any], step: int)
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """All records of a JSON-lines file ([] if it does not exist); a torn last line is skipped."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+    path = paths.resolve(path)
+    if not paths.isfile(path):
         return []
     out = []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
+    lines = paths.read_text(path).splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
@@ -283,7 +276,7 @@ class Checkpointer:
     """Numbered checkpoints (pytree + JSON meta) in one directory, around `ocp.CheckpointManager`.
 
     Args:
-      directory: folder of the step subfolders (made absolute; created if missing).
+      directory: folder of the step subfolders (made absolute, or a gs:// URL; created if missing).
       max_to_keep: newest steps kept; older ones are removed by Orbax after each save.
       overwrite: remove every existing step (and unfinished or quarantined ones) in `directory`
         first; other files there are left alone.
@@ -301,18 +294,18 @@ class Checkpointer:
         overwrite: bool = False,
         async_save: bool = False,
     ):
-        self.directory = os.path.abspath(os.fspath(directory))
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+        self.directory = paths.resolve(directory)  # a local folder or a URL, never abspath-ed
+        if paths.exists(self.directory) and not paths.isdir(self.directory):
             raise NotADirectoryError(
                 f"checkpoint directory {self.directory!r} is a file; pass a folder (--workdir)."
             )
-        if overwrite and os.path.isdir(self.directory) and _primary():
-            for name in os.listdir(self.directory):  # only what checkpointing wrote
+        if overwrite and paths.isdir(self.directory) and _primary():
+            for name in paths.listdir(self.directory):  # only what checkpointing wrote
                 if name.isdigit() or ".orbax-checkpoint-tmp" in name or name.startswith("corrupt-"):
-                    shutil.rmtree(os.path.join(self.directory, name))
+                    paths.as_path(os.path.join(self.directory, name)).rmtree()
         if overwrite:
             _sync(f"sculpt_jax:overwrite:{self.directory}")  # others wait for the removal
-        os.makedirs(self.directory, exist_ok=True)
+        paths.makedirs(self.directory)
         self._bad_steps: set[int] = set()
         self._mgr = self._make_manager(max_to_keep, async_save)
         self._max_to_keep, self._async = max_to_keep, async_save
@@ -387,7 +380,7 @@ class Checkpointer:
         src = self.step_dir(step)
         dst = os.path.join(self.directory, f"corrupt-{step}-{int(time.time())}")
         if _primary():
-            os.replace(src, dst)
+            paths.as_path(src).rename(dst)  # a copy + delete on object stores
         _sync(f"sculpt_jax:quarantine:{src}")
         log.warning("moved unreadable checkpoint %s aside to %s", src, dst)
         self._bad_steps.discard(step)
@@ -474,7 +467,7 @@ class Checkpointer:
 
     def has_data(self, step: int) -> bool:
         """Whether `step` holds a data-iterator state."""
-        return os.path.isdir(os.path.join(self.step_dir(step), "data"))
+        return paths.isdir(os.path.join(self.step_dir(step), "data"))
 
     def restore_data(self, step: int, iterator: Any) -> Any:
         """Sets `iterator` (a fresh grain iterator of the same pipeline) to the position saved in
@@ -556,8 +549,8 @@ def _grain_checkpoint():
 
 def save_pytree(path: str | os.PathLike, tree: Any) -> None:
     """Saves one pytree of arrays at folder `path` (absolute-ised; replaced if it exists)."""
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = paths.resolve(path)
+    paths.makedirs(os.path.dirname(path))
     ckptr = ocp.StandardCheckpointer()
     try:
         ckptr.save(path, _savable(tree), force=True)
@@ -577,8 +570,8 @@ def load_pytree(path: str | os.PathLike, like: Any = None) -> Any:
       CheckpointMismatchError: `like` differs from the stored tree (first differing path named).
       CorruptCheckpointError: the folder cannot be read.
     """
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isdir(path):
+    path = paths.resolve(path)
+    if not paths.isdir(path):
         raise FileNotFoundError(f"no saved pytree at {path!r}; check the path (or export first).")
     ckptr = ocp.StandardCheckpointer()
     try:

@@ -91,6 +91,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sculpt_jax import checkpoint, flops, masking, trace
+from sculpt_jax import paths as paths_lib
 from sculpt_jax.tree_util import flatten_with_paths, path_of
 from sculpt_jax.types import LayerGraph
 
@@ -1216,7 +1217,7 @@ def save_compact(path: str | os.PathLike, compact_variables: dict, info: dict) -
     The JSON holds the plan (every activation's kept channels and fill, every decision), the
     original leaf shapes/dtypes and the param counts; no masks are needed to load it.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = paths_lib.resolve(path)
     tree = {k.replace(".", "_"): np.asarray(v) for k, v in compact_variables.items()}
     checkpoint.save_pytree(os.path.join(path, "variables"), tree)
     meta = {k: v for k, v in info.items()}
@@ -1239,9 +1240,9 @@ def load_compact(
     The loaded function returns ONE array (the model output must be a single array, as in the
     zoo); use `compact` directly for models with pytree outputs.
     """
-    path = os.path.abspath(os.fspath(path))
+    path = paths_lib.resolve(path)
     meta_path = os.path.join(path, "compact.json")
-    if not os.path.isfile(meta_path):
+    if not paths_lib.isfile(meta_path):
         raise FileNotFoundError(f"no compact model at {path!r} (missing compact.json); run "
                                 "save_compact first.")  # fmt: skip
     info = checkpoint.load_json(meta_path)

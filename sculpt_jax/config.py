@@ -16,6 +16,8 @@ import os
 
 import ml_collections
 
+from sculpt_jax import paths as paths_lib
+
 
 def get_default_config() -> ml_collections.ConfigDict:
     """The main job's defaults: ResNet-20 on the embedded digits data, CPU-sized budgets.
@@ -184,11 +186,10 @@ def _merge(node: ml_collections.ConfigDict, saved: dict) -> None:
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict | None:
     """The config saved in ``<workdir>/config.json`` by the last command run there (over the
     defaults, so fields added since keep their defaults), or None when there is none."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    path = os.path.join(paths_lib.resolve(workdir), "config.json")
+    if not paths_lib.isfile(path):
         return None
-    with open(path) as f:
-        saved = json.load(f)
+    saved = json.loads(paths_lib.read_text(path))
     cfg = get_default_config()
     _merge(cfg, saved)
     return cfg

@@ -34,6 +34,7 @@ from sculpt_jax import decode as decode_lib
 from sculpt_jax import env as env_lib
 from sculpt_jax import flops as flops_lib
 from sculpt_jax import graph as graph_lib
+from sculpt_jax import paths as paths_lib
 from sculpt_jax import patterns as pat
 from sculpt_jax import sharding as shd
 from sculpt_jax import trace as trace_lib
@@ -167,7 +168,10 @@ def _train_arrays(s: Setup, augment: bool) -> tuple:
 
 
 def setup(cfg) -> Setup:
-    """Loads the dataset and builds the model for `cfg` (host-only)."""
+    """Checks that ``cfg.workdir`` can be written (`paths.check_workdir`: a URL that cannot be
+    opened fails here, before any long work), then loads the dataset and builds the model for
+    `cfg` (host-only)."""
+    paths_lib.check_workdir(cfg.workdir)
     models = _models()
     models.model_spec(cfg.model)  # unknown name -> ValueError listing valid ones
     splits = data_lib.load_dataset(
@@ -231,7 +235,8 @@ def _run_fingerprint(cfg) -> dict:
 def save_config(cfg) -> None:
     """Writes ``<workdir>/config.json``: the config of the last command run in the workdir (the
     CLI reads it back when a later command names the same workdir without --config)."""
-    ckpt.save_json(os.path.join(os.path.abspath(cfg.workdir), "config.json"),
+    wd = paths_lib.check_workdir(cfg.workdir)  # the first write of a command: fail here, clearly
+    ckpt.save_json(os.path.join(wd, "config.json"),
                    json.loads(cfg.to_json_best_effort()))  # fmt: skip
 
 
@@ -296,7 +301,7 @@ def _load_pretrained(path: str, like) -> Any:
     cands = [os.path.join(path, "pretrain", "best_variables"), os.path.join(path, "best_variables"),
              path]  # fmt: skip
     for c in cands:
-        if os.path.isdir(c) and os.path.basename(c.rstrip("/")) == "best_variables":
+        if paths_lib.isdir(c) and os.path.basename(c.rstrip("/")) == "best_variables":
             try:
                 return ckpt.load_pytree(c, like=like)
             except ValueError as e:
@@ -316,9 +321,9 @@ def pretrain(cfg, *, overwrite: bool = False, s: Setup | None = None) -> dict:
     Returns {"variables", "val_accuracy", "test_accuracy", "seconds"}.
     """
     s = s or setup(cfg)
-    wd = os.path.abspath(os.path.join(cfg.workdir, "pretrain"))
+    wd = paths_lib.resolve(os.path.join(cfg.workdir, "pretrain"))
     if cfg.pretrain.checkpoint:
-        variables = _load_pretrained(os.path.abspath(cfg.pretrain.checkpoint),
+        variables = _load_pretrained(paths_lib.resolve(cfg.pretrain.checkpoint),
                                      _abstract(s.init_variables))  # fmt: skip
         ev = ft.evaluate(_eval_step(s), variables, *s.splits.val.arrays, _eval_batch(s))
         log.info("loaded pretrained variables (val accuracy %.4f)", ev["accuracy"])
@@ -646,9 +651,9 @@ def load_policy(path: str, cfg, ss: SearchSetup, policy):
 
     Raises ValueError before any search when the saved policy cannot drive this one: another head,
     pattern library, node features or network sizes."""
-    path = os.path.abspath(path)
+    path = paths_lib.resolve(path)
     for cand in (os.path.join(path, "search", "policy"), os.path.join(path, "policy"), path):
-        if os.path.isfile(os.path.join(cand, "policy.json")):
+        if paths_lib.isfile(os.path.join(cand, "policy.json")):
             break
     else:
         raise FileNotFoundError(
@@ -699,7 +704,7 @@ def prune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=Non
         variables = pretrain(cfg, s=s)["variables"]
     sc = cfg.search
     ss = make_search_setup(cfg, s, variables)
-    wd = os.path.abspath(os.path.join(cfg.workdir, "search"))
+    wd = paths_lib.resolve(os.path.join(cfg.workdir, "search"))
     if sc.method == "autocompress":
         return _prune_autocompress(cfg, s, variables, ss, wd, overwrite)
     legacy = _legacy(cfg)
@@ -774,7 +779,7 @@ def _prune_autocompress(cfg, s: Setup, variables, ss: SearchSetup, wd: str, over
     best_path = os.path.join(wd, "best.json")
     like = {"masks": masking.ones_masks(variables), "variables": _abstract(variables)}
     best = None
-    if not overwrite and os.path.exists(best_path):
+    if not overwrite and paths_lib.exists(best_path):
         prev = ckpt.load_json(best_path)
         if prev.get("fingerprint") == fp and prev.get("candidates"):
             best = []
@@ -852,7 +857,7 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
         res = ft.fit(
             s.apply_fn, start, {"train": _train_arrays(s, f.augment), "val": s.splits.val.arrays},
             epochs=f.epochs, batch_size=f.batch_size,
-            workdir=os.path.abspath(os.path.join(cfg.workdir, "finetune", f"cand{k}")),
+            workdir=paths_lib.resolve(os.path.join(cfg.workdir, "finetune", f"cand{k}")),
             seed=cfg.seed + k, masks=masks,
             optimizer=dict(kind="sgd", lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay,
                            schedule=f.schedule),
@@ -901,7 +906,7 @@ def finetune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=
 
 def export(path: str, variables, masks, ss: SearchSetup, pattern_ids, summary: dict) -> None:
     """Writes pruned variables, masks, per-layer pattern ids and summary.json under `path`."""
-    path = os.path.abspath(path)
+    path = paths_lib.resolve(path)
     ckpt.save_pytree(os.path.join(path, "variables"), variables)
     ckpt.save_pytree(os.path.join(path, "masks"), masks)
     if pattern_ids is not None:
@@ -915,7 +920,7 @@ def export(path: str, variables, masks, ss: SearchSetup, pattern_ids, summary: d
 
 def load_export(path: str, like_variables) -> tuple[Any, Any, dict]:
     """(variables, masks, summary) of an `export` folder; `like_variables` gives the structure."""
-    path = os.path.abspath(path)
+    path = paths_lib.resolve(path)
     variables = ckpt.load_pytree(os.path.join(path, "variables"), like=like_variables)
     masks = ckpt.load_pytree(os.path.join(path, "masks"),
                              like=masking.ones_masks(like_variables))  # fmt: skip
@@ -955,11 +960,10 @@ def epoch_seconds(workdir: str) -> float | None:
     its sub-folders such as ``finetune/cand<k>/``): the sum of ``epoch_time_s`` over distinct
     epochs, so a run resumed over several sessions counts every epoch once. None if none."""
     paths = [os.path.join(workdir, "metrics.jsonl")]
-    if os.path.isdir(workdir):
-        paths += [os.path.join(workdir, d, "metrics.jsonl") for d in sorted(os.listdir(workdir))]
+    paths += [os.path.join(workdir, d, "metrics.jsonl") for d in paths_lib.listdir(workdir)]
     total, found = 0.0, False
     for path in paths:
-        if not os.path.isfile(path):
+        if not paths_lib.isfile(path):
             continue
         by_epoch = {r["epoch"]: r["epoch_time_s"] for r in ckpt.read_jsonl(path)
                     if "epoch" in r and "epoch_time_s" in r}  # fmt: skip
@@ -1002,7 +1006,7 @@ def run(cfg, *, overwrite: bool = False) -> dict:
                                   jax.device_get(fin["masks"]), searched["search_setup"],
                                   os.path.join(cfg.workdir, "export", "compact"),
                                   align=cfg.report.get("compact_align", 0))  # fmt: skip
-    wd = os.path.abspath(cfg.workdir)
+    wd = paths_lib.resolve(cfg.workdir)
     row = dict(fin["summary"], **latency, dense_val_accuracy=pre["val_accuracy"],
                dense_test_accuracy=dense_test, search_seconds=t_search,
                pretrain_epoch_seconds=epoch_seconds(os.path.join(wd, "pretrain")),

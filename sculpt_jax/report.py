@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from sculpt_jax import checkpoint as ckpt
+from sculpt_jax import paths as paths_lib
 
 log = logging.getLogger(__name__)
 
@@ -341,11 +342,7 @@ def _primary() -> bool:
 def _write_text(path: str, text: str) -> None:
     if not _primary():
         return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".part"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    paths_lib.write_text(path, text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,8 +394,8 @@ def _figure(width: float, height: float):
 def _save(fig, path: str) -> str:
     if not _primary():
         return path
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, format="png")
+    with paths_lib.open_write(path) as f:  # a file object: local, mounted or a URL
+        fig.savefig(f, format="png")
     return path
 
 
@@ -409,7 +406,7 @@ def load_candidates(path: str) -> dict[str, np.ndarray]:
     Raises:
       FileNotFoundError: the file does not exist; ValueError: it holds no candidate.
     """
-    if not os.path.isfile(path):
+    if not paths_lib.isfile(path):
         raise FileNotFoundError(f"{path} not found (the search stage writes it)")
     cols: dict[str, list] = {
         k: [] for k in ("reduction", "flops_reduction", "accuracy", "in_band", "iteration")
@@ -663,7 +660,7 @@ def _training_runs(workdir: str) -> dict[str, list[dict]]:
     """{"pretrain": records, "finetune cand0": ...} of the metrics.jsonl files present."""
     runs = {"pretrain": ckpt.read_jsonl(os.path.join(workdir, "pretrain", "metrics.jsonl"))}
     ft_dir = os.path.join(workdir, "finetune")
-    for d in sorted(os.listdir(ft_dir)) if os.path.isdir(ft_dir) else []:
+    for d in paths_lib.listdir(ft_dir):
         runs[f"finetune {d}"] = ckpt.read_jsonl(os.path.join(ft_dir, d, "metrics.jsonl"))
     return runs
 
@@ -684,7 +681,7 @@ def _search_summary(searched: Mapping | None, workdir: str) -> dict:
 
 def _history(searched: Mapping | None, workdir: str) -> list[dict]:
     p = os.path.join(workdir, "search", "metrics.jsonl")
-    hist = ckpt.read_jsonl(p) if os.path.isfile(p) else []
+    hist = ckpt.read_jsonl(p)  # [] when absent
     if not hist and searched and searched.get("history"):
         hist = [dict(h) for h in searched["history"]]
     return hist
@@ -734,7 +731,7 @@ def _make_plots(
 
     def patterns(path):
         p = os.path.join(workdir, "export", "pattern_ids.json")
-        if not os.path.isfile(p):
+        if not paths_lib.isfile(p):
             raise FileNotFoundError(f"{p} not found (the fine-tune stage exports it)")
         plot_pattern_distribution(
             path,
@@ -833,12 +830,12 @@ def write_run_report(
       {"report", "results_json", "results_csv", "plots": {name: path}, "skipped": {name: why}}.
       On a process other than 0 of a multi-process job nothing is written and every path is None.
     """
-    report_dir = os.path.abspath(os.fspath(report_dir))
+    report_dir = paths_lib.resolve(report_dir)  # absolute, or a URL kept as it is
     if not _primary():
         return {"report": None, "results_json": None, "results_csv": None, "plots": {},
                 "skipped": {}}  # fmt: skip
     workdir = os.path.dirname(report_dir)
-    os.makedirs(report_dir, exist_ok=True)
+    paths_lib.makedirs(report_dir)
     row = dict(row)
     cfg_d = _cfg_dict(cfg)
     summary = _search_summary(searched, workdir)

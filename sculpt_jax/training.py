@@ -49,6 +49,7 @@ from sculpt_jax import checkpoint as ckpt_lib
 from sculpt_jax import data as data_lib
 from sculpt_jax import input_pipeline as input_lib
 from sculpt_jax import masking
+from sculpt_jax import paths as paths_lib
 from sculpt_jax import sharding as shd
 from sculpt_jax.tree_util import flatten_with_paths, path_str
 
@@ -844,7 +845,7 @@ def fit(
     fingerprint = _fingerprint(run_config)
     summary = {k: v for k, v in run_config.items() if k != "variables"}
 
-    workdir = os.path.abspath(os.fspath(workdir))
+    workdir = paths_lib.resolve(workdir)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     ckpt = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"), max_to_keep=max_to_keep, overwrite=overwrite

@@ -11,6 +11,7 @@ PKG = pathlib.Path(__file__).resolve().parents[1] / "sculpt_jax"
 ORDER = [
     "types",
     "tree_util",
+    "paths",
     "config",
     "patterns",
     "trace",
@@ -38,7 +39,7 @@ ORDER = [
 ]
 LAYERS = {name: i for i, name in enumerate(ORDER)}
 LAYERS["__init__"] = -1
-FILESYSTEM_OK = {"data", "checkpoint", "report", "cli", "pipeline", "config"}
+FILESYSTEM_OK = {"paths", "data", "checkpoint", "report", "cli", "pipeline", "config"}
 
 
 def _module_key(path: pathlib.Path) -> str:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from sculpt_jax import agent as agent_lib
 from sculpt_jax import checkpoint as ckpt
 from sculpt_jax import graph as graph_lib
+from sculpt_jax import paths as paths_lib
 from sculpt_jax import sharding as shd
 from sculpt_jax.env import Env
 from sculpt_jax.search import ppo, propose
@@ -242,15 +243,15 @@ def run_search(
         if restored is not None:
             start, state, meta = restored
             state = commit(state)
-            history = ckpt.read_jsonl(metrics_path)[:start] if os.path.exists(metrics_path) else []
+            history = ckpt.read_jsonl(metrics_path)[:start] if paths_lib.exists(metrics_path) else []
             log.info("resumed search from iteration %d in %s", start, workdir)
     elif overwrite:
         for p in (metrics_path, cand_path):
-            if os.path.exists(p):
+            if paths_lib.exists(p):
                 ckpt.write_jsonl(p, [])
-    if start and os.path.exists(metrics_path):  # drop lines of an iteration that was in flight
+    if start and paths_lib.exists(metrics_path):  # drop lines of an iteration that was in flight
         ckpt.write_jsonl(metrics_path, history)
-        cands = ckpt.read_jsonl(cand_path) if os.path.exists(cand_path) else []
+        cands = ckpt.read_jsonl(cand_path) if paths_lib.exists(cand_path) else []
         ckpt.write_jsonl(cand_path, [c for c in cands if c.get("iteration", 0) < start])
 
     t0 = time.perf_counter()
