@@ -216,9 +216,40 @@ def open_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+# Seconds the gs:// array-storage probe may take (a reachable bucket answers in well under one).
+ARRAY_PROBE_TIMEOUT_S = 30.0
+
+
+def _kvstore_spec(path: str) -> dict:
+    """The tensorstore key-value store Orbax writes a gs:// path's arrays to (its gcs driver)."""
+    bucket, _, key = path[len("gs://") :].partition("/")
+    return {"driver": "gcs", "bucket": bucket, "path": key + "/" if key else ""}
+
+
+def _probe_arrays(path: str, name: str) -> None:
+    """Writes and deletes one key through tensorstore, which Orbax uses for checkpoint ARRAYS and
+    which does not go through epath/fsspec (its own gcs driver and credentials)."""
+    if not path.startswith("gs://"):
+        return
+    import tensorstore as ts
+
+    t = ARRAY_PROBE_TIMEOUT_S
+    try:
+        kv = ts.KvStore.open(_kvstore_spec(path)).result(timeout=t)
+        kv.write(name, b"ok").result(timeout=t)
+        kv.delete_range(ts.KvStore.KeyRange(name, name + "\0")).result(timeout=t)
+    except Exception as e:  # noqa: BLE001 - re-raised with what was being written
+        why = str(e).strip() or f"no answer within {t:g} s (no credentials or no network?)"
+        raise OSError(f"checkpoint arrays (tensorstore's gcs driver): {why}") from e
+
+
 def check_workdir(workdir: str | os.PathLike) -> str:
     """Creates `workdir` if needed and writes and removes a small probe file there; returns the
     `resolve`d string. Call it before any long work. Nothing already in the workdir is touched.
+
+    On gs:// it also writes and deletes a probe through tensorstore (Orbax's array storage, its own
+    gcs driver and credentials: Application Default Credentials), waiting at most
+    `ARRAY_PROBE_TIMEOUT_S` (without credentials or network tensorstore retries, it does not fail).
 
     Raises:
       WorkdirError: the scheme is not served, its library is missing, or the folder or bucket
@@ -232,6 +263,7 @@ def check_workdir(workdir: str | os.PathLike) -> str:
         if probe.read_text() != "ok\n":
             raise OSError("the probe file read back differently")
         probe.unlink()
+        _probe_arrays(path, probe.name + ".arrays")
     except Exception as e:  # noqa: BLE001 - re-raised as one clear error
         if isinstance(e, WorkdirError):
             raise

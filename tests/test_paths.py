@@ -88,6 +88,9 @@ def bucket(tmp_path, monkeypatch):
     monkeypatch.setattr(_FakeGCS, "ROOT", str(root))
     monkeypatch.setattr(_FakeGCS, "opened", [])
     _install(monkeypatch, _FakeGCS)
+    # check_workdir's array-storage probe: tensorstore's file driver on the same folder
+    monkeypatch.setattr(paths, "_kvstore_spec", lambda url: {
+        "driver": "file", "path": os.path.join(str(root), url[len("gs://"):]) + "/"})  # fmt: skip
     return root
 
 
@@ -164,6 +167,16 @@ def test_unwritable_bucket_fails_up_front_and_keeps_what_is_there(bucket):
     with pytest.raises(paths.WorkdirError, match=r"workdir 'gs://ro/run' cannot be opened.*gcsfs"):
         paths.check_workdir("gs://ro/run")
     assert keep.read_text() == "{}"
+
+
+def test_array_storage_probe_failure_is_the_same_clear_error(bucket, monkeypatch):
+    # the files are writable but tensorstore (Orbax's array storage on gs://) cannot write
+    (bucket / "not-a-dir").write_text("x")
+    monkeypatch.setattr(paths, "_kvstore_spec", lambda url: {
+        "driver": "file", "path": str(bucket / "not-a-dir") + "/"})  # fmt: skip
+    with pytest.raises(paths.WorkdirError, match=r"'gs://bkt/run'.*checkpoint arrays.*gcsfs"):
+        paths.check_workdir("gs://bkt/run")
+    assert os.listdir(bucket / "bkt" / "run") == []  # the file probe was removed
 
 
 def test_local_workdir_error_and_nothing_lost(tmp_path):
