@@ -83,7 +83,7 @@ def resolve(path: str | os.PathLike) -> str:
     path = os.fspath(path)
     m = _URL.match(path)
     if not m:
-        return os.path.abspath(os.path.expanduser(path))
+        return os.path.abspath(path)  # as before: no ~ expansion (the shell does that)
     scheme = m.group(1).lower()
     if scheme == "file":
         return os.path.abspath(path[len("file://") :])

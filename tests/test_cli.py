@@ -121,7 +121,7 @@ def test_unknown_config_key_is_rejected(capsys):
 
 
 def test_main_job_smoke_end_to_end(tmp_path, capsys):
-    wd = str(tmp_path / "run")
+    wd = str(tmp_path / "My Drive" / "run 1")  # a mounted-Drive style path: spaces kept
     assert cli.main(["run", "--workdir", wd, *SMOKE]) == 0
     table = capsys.readouterr().out
     assert "| resnet8_tiny | digits | ppo |" in table
