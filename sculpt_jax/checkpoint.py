@@ -162,6 +162,22 @@ def _close_writers() -> None:
     _TB_WRITERS.clear()
 
 
+def _tb_url_ok(logdir: str) -> str:
+    """`logdir`, or ImportError when tensorboardX cannot write that URL (it writes gs:// with
+    google-cloud-storage, s3:// with boto3, and other URLs not at all)."""
+    if paths.is_url(logdir):
+        import importlib.util
+
+        need = {"gs": "google.cloud.storage", "s3": "boto3"}.get(logdir.split(":", 1)[0])
+        try:
+            ok = need is not None and importlib.util.find_spec(need) is not None
+        except ImportError:  # a parent package (google.cloud) is missing
+            ok = False
+        if not ok:
+            raise ImportError(f"tensorboardX needs {need or 'a local folder'} for this URL")
+    return logdir
+
+
 def log_scalars(logdir: str | os.PathLike, record: Mapping[str, Any], step: int) -> bool:
     """Writes the finite numeric fields of a metrics record as TensorBoard scalars at `step`
     (tensorboardX event files under `logdir`; ``tensorboard --logdir <workdir>`` shows every
@@ -181,8 +197,8 @@ def log_scalars(logdir: str | os.PathLike, record: Mapping[str, Any], step: int)
     if key not in _TB_WRITERS:
         if not _TB_WRITERS:
             atexit.register(_close_writers)
-        try:  # tensorboardX writes gs:// with google-cloud-storage, s3:// with boto3
-            _TB_WRITERS[key] = SummaryWriter(key)
+        try:
+            _TB_WRITERS[key] = SummaryWriter(_tb_url_ok(key))
         except Exception as e:  # noqa: BLE001 - metrics.jsonl still has every record
             if not paths.is_url(key):
                 raise

@@ -206,3 +206,16 @@ def test_checkpoints_exports_and_reports_in_a_drive_like_path_with_spaces(tmp_pa
     out = report.write_run_report(os.path.join(wd, "report"), {"model": "m"}, None,
                                   {"report": {"plots": False}})  # fmt: skip
     assert os.path.isfile(out["results_json"]) and " " in out["results_json"]
+
+
+def test_tensorboard_on_a_url_without_its_library_is_skipped_not_fatal(bucket, caplog):
+    pytest.importorskip("tensorboardX")
+    try:
+        import google.cloud.storage  # noqa: F401
+
+        pytest.skip("google-cloud-storage is installed: tensorboardX would contact GCS")
+    except ImportError:
+        pass
+    assert ckpt.log_scalars("gs://bkt/run/search/tensorboard", {"loss": 1.0}, 1) is False
+    assert ckpt.log_scalars("gs://bkt/run/search/tensorboard", {"loss": 0.5}, 2) is False
+    assert sum("no TensorBoard events" in r.message for r in caplog.records) == 1
