@@ -22,6 +22,7 @@ ORDER = [
     "graph",
     "masking",
     "flops",
+    "latency",
     "decode",
     "gnn",
     "training",
