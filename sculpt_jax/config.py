@@ -72,9 +72,14 @@ def get_default_config() -> ml_collections.ConfigDict:
     # ppo (AutoSculpt: GNN + PPO) | random | uniform | cem | anneal | magnitude | autocompress
     c.search.method = "ppo"
     c.search.library = "reference6"  # pattern library (sculpt_jax.patterns)
-    c.search.constraint = "flops"  # flops | params: what the target reduction counts
+    # flops | params | latency: what the target reduction counts. latency: the latency a per-layer
+    # table measured on this backend predicts for the compacted model (sculpt_jax.latency; filters
+    # lowering, measured once and cached in <workdir>/search/latency_table.json)
+    c.search.constraint = "flops"
     c.search.target_flops = 0.5  # target FLOPs reduction in (0, 1) (constraint "flops")
     c.search.target_params = 0.5  # target parameter reduction in (0, 1) (constraint "params")
+    c.search.target_latency = 0.3  # target predicted-latency reduction in (0, 1) ("latency")
+    c.search.latency_batch = 1  # batch size the latency table is measured (and the model timed) at
     c.search.flops_kind = "true"  # true (exact masked FLOPs) | reference (the reference's formula)
     # Budget-exact decoding (sculpt_jax.decode): every proposal is decoded to within this much of
     # the target (0.005 = 0.5 percentage points). The legacy heads use the reference's band instead.
@@ -327,6 +332,17 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     if not 0.0 < s.get("target_params", 0.5) < 1.0:
         raise ValueError(f"search.target_params must be in (0, 1), got {s.target_params}")
+    if not 0.0 < s.get("target_latency", 0.3) < 1.0:
+        raise ValueError(f"search.target_latency must be in (0, 1), got {s.target_latency}")
+    if s.get("latency_batch", 1) < 1:
+        raise ValueError(f"search.latency_batch must be >= 1, got {s.latency_batch}")
+    if s.get("constraint", "flops") == "latency" and (
+        s.method == "autocompress" or (s.method == "ppo" and s.head != "mixture")
+    ):
+        raise ValueError(
+            "search.constraint=latency needs the budget-exact decoder: use search.head=mixture "
+            f"(method {s.method!r}, head {s.head!r} use the reference's FLOPs band)"
+        )
     if not 0.0 < s.band < 1.0:
         raise ValueError(f"search.band must be in (0, 1), got {s.band}")
     if not 0.0 < s.get("tolerance", 0.005) < 1.0:
@@ -338,7 +354,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "search.method": (s.method, ("ppo", "random", "uniform", "cem", "anneal", "magnitude",
                                      "autocompress")),
         "search.head": (s.head, ("mixture", "paper", "per_group", "per_filter")),
-        "search.constraint": (s.get("constraint", "flops"), ("flops", "params")),
+        "search.constraint": (s.get("constraint", "flops"), ("flops", "params", "latency")),
         "search.flops_kind": (s.flops_kind, ("true", "reference")),
         "search.reward": (s.reward, ("paper", "gated")),
         "search.level": (s.level, ("filter", "layer")),

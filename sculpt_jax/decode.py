@@ -2,7 +2,8 @@
 
 Every search method (the GNN policy, random search, uniform allocation, annealing, CEM, global
 magnitude) proposes something low-dimensional; this module turns it into pattern ids whose
-reduction (true FLOPs, the reference formula, or parameters) equals the target within a tolerance,
+reduction (true FLOPs, the reference formula, parameters, or the latency a measured per-layer table
+predicts, `latency.make_predictor`) equals the target within a tolerance,
 so that no evaluation is spent off budget and no reward has a band cliff.
 
 Mixture proposals (`Decoder.decode`): ``a [L + 1, P]``, a network-wide row ``a_0`` plus one row per
@@ -53,12 +54,13 @@ import numpy as np
 
 from sculpt_jax import flops as flops_lib
 from sculpt_jax import graph as graph_lib
+from sculpt_jax import latency as latency_lib
 from sculpt_jax import masking
 from sculpt_jax import patterns as pat
 
-MEASURES = ("flops", "reference", "params")
+MEASURES = ("flops", "reference", "params", "latency")
 _MEASURE_KEY = {"flops": "flops_reduction", "reference": "reference_reduction",
-                "params": "params_reduction"}  # fmt: skip
+                "params": "params_reduction", "latency": "latency_reduction"}  # fmt: skip
 LOGIT_CLIP = 20.0  # proposals are clipped to +-LOGIT_CLIP, which bounds the shift's bracket
 _GOLDEN = 0.6180339887498949
 EXTRA_PASSES = 3  # decode passes after the first, for steps coarser than the tolerance (`bisect`)
@@ -93,10 +95,13 @@ class Decoder(NamedTuple):
     max_reduction: float
 
 
-def _measure_fn(spec: graph_lib.GraphSpec, lib: pat.PatternLibrary, params_shapes: Any):
+def _measure_fn(spec: graph_lib.GraphSpec, lib: pat.PatternLibrary, params_shapes: Any,
+                table: latency_lib.LatencyTable | None = None):  # fmt: skip
     """ids [n_nodes] -> exact reductions: `flops.count_ids` for per-filter libraries, the masks and
-    `flops.count` for region libraries."""
+    `flops.count` for region libraries; with a latency `table`, also latency_reduction = 1 -
+    predicted / predicted dense ms and latency_ms (the prediction, `latency.make_predictor`)."""
     lg = spec.layer_graph
+    predict = None if table is None else latency_lib.make_predictor(lg, table, lib)
 
     def measure(ids):
         per_layer = graph_lib.layer_pattern_ids(spec, ids)
@@ -107,8 +112,13 @@ def _measure_fn(spec: graph_lib.GraphSpec, lib: pat.PatternLibrary, params_shape
             masks = masking.pattern_ids_to_masks(lg, params_shapes, per_layer, lib)
             c = flops_lib.count(lg, masks)
             ref = flops_lib.reference_flops_reduction(lg, per_layer, lib)
-        return {"flops_reduction": c["flops_reduction"], "reference_reduction": ref,
-                "params_reduction": c["params_reduction"]}  # fmt: skip
+        out = {"flops_reduction": c["flops_reduction"], "reference_reduction": ref,
+               "params_reduction": c["params_reduction"]}  # fmt: skip
+        if predict is not None:
+            ms = predict(per_layer)
+            out["latency_ms"] = ms
+            out["latency_reduction"] = 1.0 - ms / jnp.float32(table.dense_ms)
+        return out
 
     return measure
 
@@ -139,6 +149,7 @@ def make_decoder(
     kind: str = "flops",
     iterations: int = 48,
     params_shapes: Any = None,
+    latency_table: latency_lib.LatencyTable | None = None,
 ) -> Decoder:
     """Builds the decoder of one model (host-side, once; see the module docstring).
 
@@ -148,13 +159,17 @@ def make_decoder(
       library: the pattern library of `spec`.
       target: reduction in (0, 1) of the measure `kind`.
       tolerance: accepted |reduction - target| (> 0; 0.005 = half a percentage point).
-      kind: "flops" (exact true FLOPs), "reference" (the reference code's formula, labelled) or
-        "params" (exact parameter count).
+      kind: "flops" (exact true FLOPs), "reference" (the reference code's formula, labelled),
+        "params" (exact parameter count) or "latency" (the latency `latency_table` predicts for
+        the "filters" lowering: monotone in the shift, as its tables are non-decreasing).
       iterations: bisection steps on the shift (48 resolve float32).
       params_shapes: the params' shapes (only for region libraries, whose counts need masks).
+      latency_table: a `latency.LatencyTable` of this model (needed by kind "latency"; with any
+        kind it adds latency_ms / latency_reduction to the measures).
     Raises:
-      ValueError: a bad tolerance, target or kind, or a target above what pruning every prunable
-        filter as far as its valid patterns allow reaches (the message gives that maximum).
+      ValueError: a bad tolerance, target or kind, a latency kind without a table (or a region
+        library), or a target above what pruning every prunable filter as far as its valid
+        patterns allow reaches (the message gives that maximum).
     """
     lib = pat.get_library(library)
     if kind not in MEASURES:
@@ -163,6 +178,13 @@ def make_decoder(
         raise ValueError(f"tolerance must be > 0 (e.g. 0.005 = 0.5 percentage points), got {tolerance}")
     if not 0.0 < target < 1.0:
         raise ValueError(f"target reduction must be in (0, 1), got {target}")
+    if kind == "latency" and latency_table is None:
+        raise ValueError(
+            "decoder kind 'latency' needs a latency table measured on this backend "
+            "(latency.measure_table); none was given"
+        )
+    if latency_table is not None and lib.kind == "region":
+        raise ValueError(f"latency tables model per-filter libraries, not {lib.name!r}")
     if lib.kind == "region" and params_shapes is None:
         raise ValueError("region libraries need params_shapes (their counts are built from masks)")
     lg = spec.layer_graph
@@ -184,7 +206,7 @@ def make_decoder(
     pos[np.asarray(order, np.int64)] = np.arange(n_act, dtype=np.int32)
     pos_j = jnp.asarray(pos)
     k_iterations = max(1, int(np.ceil(np.log2(n_act + 1))) + 1)
-    measure = _measure_fn(spec, lib, params_shapes)
+    measure = _measure_fn(spec, lib, params_shapes, latency_table)
     key = _MEASURE_KEY[kind]
     valid_j = jnp.asarray(layer_valid)
     agg_j = jnp.asarray(by_aggression, jnp.int32)

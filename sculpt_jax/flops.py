@@ -452,3 +452,35 @@ Returns: dict of float32 scalars masked_macs, masked_flops, macs_reduction, flop
   params_reduction, reference_reduction (the reference formula, labelled), and int32
   masked_params. Region libraries raise ValueError (use `count` on masks).
 """
+
+
+def alive_widths_ids(
+    graph: LayerGraph, layer_ids: tuple, library: str | pat.PatternLibrary = "reference6"
+) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """Per layer, (alive input features, alive filters) as float32 scalars: the widths the
+    compacted layer runs at (`compaction.compact`, align 1), from per-filter pattern ids (jittable;
+    `graph` and `library` static; per-filter libraries only, as `count_ids`).
+
+    A filter is alive when its pattern keeps any cell; an input feature when any source feeds it
+    from an alive channel (residual coupling included, module docstring). A depthwise conv
+    (groups == in_features) keeps a channel only where its filter AND its input are alive, so both
+    of its widths are that count.
+    """
+    lib = pat.get_library(library)
+    if lib.kind == "region":
+        raise ValueError(f"alive_widths_ids supports per-filter libraries, not {lib.name!r}")
+    ids = []
+    for _layer, li in zip(graph.layers, layer_ids, strict=True):
+        li = jnp.asarray(li, jnp.int32).reshape(-1)
+        ids.append(jnp.where((li >= 0) & (li < lib.n_patterns), li, lib.keep_id))
+    filter_alive = [jnp.asarray(_pattern_costs(layer, lib)[1] > 0)[i]
+                    for layer, i in zip(graph.layers, ids, strict=True)]  # fmt: skip
+    out = []
+    for layer, fa in zip(graph.layers, filter_alive, strict=True):
+        alive_in = _alive_in(layer, filter_alive)
+        if layer.groups > 1 and layer.groups == layer.in_features == layer.out_features:
+            n = jnp.sum(alive_in & fa).astype(jnp.float32)
+            out.append((n, n))
+        else:
+            out.append((jnp.sum(alive_in).astype(jnp.float32), jnp.sum(fa).astype(jnp.float32)))
+    return tuple(out)

@@ -34,6 +34,7 @@ from sculpt_jax import decode as decode_lib
 from sculpt_jax import env as env_lib
 from sculpt_jax import flops as flops_lib
 from sculpt_jax import graph as graph_lib
+from sculpt_jax import latency as latency_lib
 from sculpt_jax import paths as paths_lib
 from sculpt_jax import patterns as pat
 from sculpt_jax import sharding as shd
@@ -405,6 +406,8 @@ def search_target(cfg) -> tuple[float, str]:
     sc = cfg.search
     if sc.get("constraint", "flops") == "params":
         return float(sc.target_params), "params"
+    if sc.get("constraint", "flops") == "latency":
+        return float(sc.target_latency), "latency"
     return float(sc.target_flops), ("flops" if sc.flops_kind == "true" else "reference")
 
 
@@ -424,9 +427,10 @@ def _decoder_for(cfg, s: Setup, variables):
     if _legacy(cfg):  # the reference's band rule: no decoder
         return lg, spec, order, None
     target, kind = search_target(cfg)
+    table = latency_table(cfg, s, lg, variables) if kind == "latency" else None
     decoder = decode_lib.make_decoder(
         spec, order, lib, target=target, tolerance=sc.get("tolerance", 0.005), kind=kind,
-        params_shapes=_abstract(variables["params"]),
+        params_shapes=_abstract(variables["params"]), latency_table=table,
     )  # fmt: skip
     _, first = jax.jit(decoder.decode)(jnp.asarray(decode_lib.uniform_logits(decoder)))
     if not bool(first["on_budget"]):
@@ -436,6 +440,72 @@ def _decoder_for(cfg, s: Setup, variables):
             f"target {target}; raise the tolerance (--tolerance; sculpt_jax.prune(tolerance=...))"
         )
     return lg, spec, order, decoder
+
+
+LATENCY_REPEATS = 20  # timed runs per table entry and per measured model (median)
+
+
+def _latency_timer(build, info) -> float:
+    """A `latency.Timer` on `compaction.measure_latency` (the report's timer): median ms."""
+    from sculpt_jax import compaction as compact_lib
+
+    fn, args = build()
+    r = compact_lib.measure_latency(lambda a, _x: fn(*a), args, jnp.zeros(()),
+                                    repeats=LATENCY_REPEATS, warmup=3)  # fmt: skip
+    return float(r["median_ms"])
+
+
+def latency_table_path(cfg) -> str:
+    return paths_lib.resolve(os.path.join(cfg.workdir, "search", "latency_table.json"))
+
+
+def latency_table(cfg, s: Setup, lg, variables):
+    """The model's `latency.LatencyTable` on this backend (filters lowering, batch
+    search.latency_batch): read from `latency_table_path` when its `latency.table_key` matches
+    (model shapes, backend platform and device kind, JAX version, batch, lowering, grid), else
+    measured here (every prunable layer on its width grid, then the dense model) and written there.
+    The dense model timed is the raw network (`s.model.apply`, normalisation excluded), as the
+    compacted model `run` measures against it."""
+    path = latency_table_path(cfg)
+    cached = ckpt.load_json(path) if paths_lib.isfile(path) else None
+    table, fresh = latency_lib.cached_or_measure(
+        cached, lg, s.model.apply, variables, jnp.zeros((1, *s.input_shape), s.input_dtype),
+        batch=int(cfg.search.get("latency_batch", 1)), timer=_latency_timer,
+    )  # fmt: skip
+    if fresh:
+        log.info("latency table measured on %s: dense %.3f ms, rest %.3f ms -> %s",
+                 table.key["backend"], table.dense_ms, table.rest_ms, path)  # fmt: skip
+        if shd.is_primary():
+            ckpt.save_json(path, latency_lib.to_json(table))
+    else:
+        log.info("latency table reused from %s", path)
+    return table
+
+
+def constraint_latency(cfg, s: Setup, variables, masks, ss: SearchSetup, pattern_ids) -> dict:
+    """Predicted vs measured latency of the chosen model (constraint "latency"; host): the table's
+    prediction for its pattern ids, and the model compacted as the table models it (filters
+    lowering, align 1) timed by `compaction.measure_latency` at search.latency_batch, beside the
+    dense model timed the same way. Flat ``latency_*`` row keys (ms and reductions)."""
+    from sculpt_jax import compaction as compact_lib
+
+    table = latency_table(cfg, s, ss.graph, variables)
+    pred = ss.decoder.measure(jnp.asarray(pattern_ids, jnp.int32))
+    b = int(cfg.search.get("latency_batch", 1))
+    x = jax.random.normal(jax.random.key(0), (b, *s.input_shape), jnp.float32)
+    fn, cv, _ = compact_lib.compact(s.model.apply, variables, ss.graph, masks, x[:1], align=1)
+    r = compact_lib.measure_latencies(
+        {"dense": (lambda v, x: s.model.apply(v, x, train=False), variables), "compact": (fn, cv)},
+        x, repeats=LATENCY_REPEATS,
+    )  # fmt: skip
+    dense_ms, comp_ms = float(r["dense"]["median_ms"]), float(r["compact"]["median_ms"])
+    return {"latency_table_backend": table.key["backend"], "latency_table_batch": b,
+            "latency_table_lowering": table.key["lowering"],
+            "latency_predicted_dense_ms": float(table.dense_ms),
+            "latency_predicted_ms": float(pred["latency_ms"]),
+            "latency_predicted_reduction": float(pred["latency_reduction"]),
+            "latency_measured_dense_ms": dense_ms, "latency_measured_ms": comp_ms,
+            "latency_measured_reduction": 1.0 - comp_ms / dense_ms}  # fmt: skip
 
 
 def _legacy(cfg) -> bool:
@@ -1001,13 +1071,19 @@ def run(cfg, *, overwrite: bool = False) -> dict:
     dense_test = ft.evaluate(_eval_step(s), pre["variables"], *s.splits.test.arrays,
                              _eval_batch(s))["accuracy"]  # fmt: skip
     latency = {}
+    if search_target(cfg)[1] == "latency":  # predicted vs measured, as the table models it
+        k = fin["summary"]["chosen_candidate"]
+        latency.update(constraint_latency(
+            cfg, s, jax.device_get(fin["variables"]), jax.device_get(fin["masks"]),
+            searched["search_setup"], searched["best"][k]["pattern_ids"]))  # fmt: skip
     if cfg.report.latency:  # on one device: host copies of the (possibly replicated) arrays
-        latency = measure_latency(s, jax.device_get(fin["variables"]),
+        latency.update(measure_latency(s, jax.device_get(fin["variables"]),
                                   jax.device_get(fin["masks"]), searched["search_setup"],
                                   os.path.join(cfg.workdir, "export", "compact"),
-                                  align=cfg.report.get("compact_align", 0))  # fmt: skip
+                                  align=cfg.report.get("compact_align", 0)))  # fmt: skip
     wd = paths_lib.resolve(cfg.workdir)
-    row = dict(fin["summary"], **latency, dense_val_accuracy=pre["val_accuracy"],
+    row = dict(fin["summary"], **latency, target_measure=searched["summary"]["target_measure"],
+               dense_val_accuracy=pre["val_accuracy"],
                dense_test_accuracy=dense_test, search_seconds=t_search,
                pretrain_epoch_seconds=epoch_seconds(os.path.join(wd, "pretrain")),
                finetune_epoch_seconds=epoch_seconds(os.path.join(wd, "finetune")),

@@ -23,6 +23,7 @@ ORDER = [
     "graph",
     "masking",
     "flops",
+    "latency",
     "decode",
     "gnn",
     "training",
