@@ -44,6 +44,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sculpt_jax import paths
+from sculpt_jax.sharding import is_primary as _primary  # process 0 writes JSON, metrics
+from sculpt_jax.sharding import sync as _sync
 from sculpt_jax.tree_util import path_of
 
 log = logging.getLogger(__name__)
@@ -93,18 +95,6 @@ def to_jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return str(obj)
-
-
-def _primary() -> bool:
-    """Process 0 (or the only process): the one that writes JSON, metrics and event files."""
-    return jax.process_index() == 0
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _savable(tree: Any) -> Any:

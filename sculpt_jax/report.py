@@ -44,6 +44,7 @@ import numpy as np
 
 from sculpt_jax import checkpoint as ckpt
 from sculpt_jax import paths as paths_lib
+from sculpt_jax.sharding import is_primary as _primary  # only process 0 writes reports
 
 log = logging.getLogger(__name__)
 
@@ -330,13 +331,6 @@ def rows_to_csv(rows: Sequence[Mapping]) -> str:
             cells.append("" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v)
         w.writerow(cells)
     return buf.getvalue()
-
-
-def _primary() -> bool:
-    """Only process 0 of a multi-process job writes reports (`sharding.is_primary`)."""
-    import jax
-
-    return jax.process_index() == 0
 
 
 def _write_text(path: str, text: str) -> None:
