@@ -834,6 +834,11 @@ def prune(cfg, *, overwrite: bool = False, s: Setup | None = None, variables=Non
     return {"summary": summary, "best": best, "search_setup": ss, "history": result.history}
 
 
+def _ac_measure(cfg) -> str:
+    """AutoCompress's target measure: exact FLOPs, or parameters (search.constraint=params)."""
+    return "params" if cfg.search.get("constraint", "flops") == "params" else "flops"
+
+
 def _prune_autocompress(cfg, s: Setup, variables, ss: SearchSetup, wd: str, overwrite: bool):
     """AutoCompress (simulated annealing + ADMM + purification) as the search stage.
 
@@ -866,8 +871,8 @@ def _prune_autocompress(cfg, s: Setup, variables, ss: SearchSetup, wd: str, over
         cands = autocompress.run_autocompress(
             s.apply_fn, variables, ss.graph,
             dataclasses.replace(s.splits, train=data_lib.eval_split(s.splits.train, s.input_shape)),
-            target=sc.target_flops,
-            target_kind="flops", scheme=ac.scheme, rounds=ac.rounds, library=ss.library,
+            target=search_target(cfg)[0],
+            target_kind=_ac_measure(cfg), scheme=ac.scheme, rounds=ac.rounds, library=ss.library,
             t0=ac.t0, t_stop=ac.t_stop, cooling=ac.cooling, perturbation=ac.perturbation,
             moves_per_temperature=max(1, budget // (n_temps * ac.rounds)),
             admm_iterations=ac.admm_iterations, admm_steps=ac.admm_steps, rho=ac.rho,
@@ -882,6 +887,8 @@ def _prune_autocompress(cfg, s: Setup, variables, ss: SearchSetup, wd: str, over
         records = [dict(_candidate_record(ss, variables, c), rank=i) for i, c in enumerate(best)]
         summary = {
             "method": "autocompress",
+            "target_reduction": search_target(cfg)[0],
+            "target_measure": _ac_measure(cfg),
             "target_flops_reduction": sc.target_flops,
             "band": sc.band,
             "flops_kind": "true",
@@ -1082,7 +1089,8 @@ def run(cfg, *, overwrite: bool = False) -> dict:
                                   os.path.join(cfg.workdir, "export", "compact"),
                                   align=cfg.report.get("compact_align", 0)))  # fmt: skip
     wd = paths_lib.resolve(cfg.workdir)
-    row = dict(fin["summary"], **latency, target_measure=searched["summary"]["target_measure"],
+    row = dict(fin["summary"], **latency,
+               target_measure=searched["summary"].get("target_measure", "flops"),
                dense_val_accuracy=pre["val_accuracy"],
                dense_test_accuracy=dense_test, search_seconds=t_search,
                pretrain_epoch_seconds=epoch_seconds(os.path.join(wd, "pretrain")),

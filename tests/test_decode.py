@@ -172,6 +172,8 @@ def test_bad_budgets_fail_before_any_work():
     with pytest.raises(ValueError, match="is not reachable"):
         decode.make_decoder(spec, order, lib, target=0.999)
     with pytest.raises(ValueError, match="must be one of"):
+        decode.make_decoder(spec, order, lib, target=0.5, kind="seconds")
+    with pytest.raises(ValueError, match="needs a latency table"):
         decode.make_decoder(spec, order, lib, target=0.5, kind="latency")
     d = decode.make_decoder(spec, order, lib, target=0.5)
     with pytest.raises(ValueError, match="must have shape"):
