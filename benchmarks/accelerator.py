@@ -259,14 +259,18 @@ def main(argv=None) -> dict:
         report["sections"][name] = fn(arg, repeats)
         print(f"\n### {name} ({time.perf_counter() - t0:.0f} s so far)\n"
               + _table(report["sections"][name]), flush=True)  # fmt: skip
-    report["seconds"] = time.perf_counter() - t0
+        report["seconds"] = time.perf_counter() - t0
+        _write(a, report)  # after every section: a run cut short keeps what it measured
+    return report
+
+
+def _write(a, report: dict) -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=1)
     if a.md:
         with open(a.md, "w") as f:
             f.write(markdown(report) + "\n")
-    return report
 
 
 if __name__ == "__main__":

@@ -80,17 +80,26 @@ def bisect_rate(graph, variables, target, iters=12):
     return best
 
 
-def bench_model(name, batches, target, repeats, aligns=(1,)):
+def _traced(name):
+    """(model, random-init variables, a zero batch of 1, traced graph) of a zoo model."""
     import jax
 
-    from sculpt_jax import compaction, trace
+    from sculpt_jax import trace
     from sculpt_jax.models import get_model, init_model, model_spec
 
     spec = model_spec(name)
     model = get_model(name)
     v = init_model(model, jax.random.key(0), spec.input_shape)
     x1 = jax.numpy.zeros((1, *spec.input_shape), jax.numpy.float32)
-    graph = trace.trace_model(model.apply, v, x1)
+    return model, v, x1, trace.trace_model(model.apply, v, x1)
+
+
+def bench_model(name, batches, target, repeats, aligns=(1,)):
+    import jax
+
+    from sculpt_jax import compaction
+
+    model, v, x1, graph = _traced(name)
     rate, masks, red = bisect_rate(graph, v, target)
     from sculpt_jax import masking
 
@@ -119,7 +128,7 @@ def bench_model(name, batches, target, repeats, aligns=(1,)):
         "dense_params", "masked_params", "params")}, "stored_params": {
         str(a): c[2]["stored_params"] for a, c in comps.items()}, "batches": {}}  # fmt: skip
     for b in batches:
-        x = jax.random.normal(jax.random.key(b), (b, *spec.input_shape), jax.numpy.float32)
+        x = jax.random.normal(jax.random.key(b), (b, *x1.shape[1:]), jax.numpy.float32)
         n = repeats if b <= 8 else max(5, repeats // 2)
         r = compaction.measure_latencies(named, x, repeats=n)
         d = r["dense"]["median_ms"]
@@ -183,14 +192,9 @@ def bench_patterns(name, batches, target, repeats, min_widths=(0,), taps_min_wid
     import jax
     import numpy as np
 
-    from sculpt_jax import compaction, masking, trace
-    from sculpt_jax.models import get_model, init_model, model_spec
+    from sculpt_jax import compaction, masking
 
-    spec = model_spec(name)
-    model = get_model(name)
-    v = init_model(model, jax.random.key(0), spec.input_shape)
-    x1 = jax.numpy.zeros((1, *spec.input_shape), jax.numpy.float32)
-    graph = trace.trace_model(model.apply, v, x1)
+    model, v, x1, graph = _traced(name)
     q, masks, red = bisect_pattern_rate(graph, v, target)
     comp = compaction.compact(model.apply, v, graph, masks, x1)
     comp16 = compaction.compact(model.apply, v, graph, masks, x1, align=16)
@@ -217,7 +221,7 @@ def bench_patterns(name, batches, target, repeats, min_widths=(0,), taps_min_wid
     print("batch " + " ".join(f"{k:>12s}" for k in named) + "   max_abs_err  share (grouped)")
     rows = []
     for b in batches:
-        x = jax.random.normal(jax.random.key(b), (b, *spec.input_shape), jax.numpy.float32)
+        x = jax.random.normal(jax.random.key(b), (b, *x1.shape[1:]), jax.numpy.float32)
         n = repeats if b <= 8 else max(3, repeats // 4)
         r = compaction.measure_latencies(named, x, repeats=n)
         ref = np.asarray(jax.jit(dense_apply)(masked_v, x))

@@ -84,6 +84,8 @@ def parse(argv=None):
     q.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE")
     q.add_argument("--finetune-epochs", type=int, default=0, help="short fine-tune (0: off)")
     q.add_argument("--finetune-images", type=int, default=-1, help="training images (-1: all)")
+    q.add_argument("--finetune-budgets", nargs="*", type=int, default=None,
+                   help="fine-tune only at these budgets (default: every budget)")  # fmt: skip
     q.add_argument("--workdir", default="", help="default: a fresh temp dir")
     q.add_argument("--json", default="", help="write the quality results here")
     q.add_argument("--halving-candidates", type=int, default=64, help="part halving: proposals")
@@ -222,7 +224,8 @@ def quality(a) -> dict:
                                                        for h in res.history[:it]])))  # fmt: skip
                     r["seconds"].append(secs * b / top)
                     r["curve"].append([h.get("reward_mean") for h in res.history[:it]])
-                    if a.finetune_epochs > 0 and best:
+                    if a.finetune_epochs > 0 and best and (a.finetune_budgets is None
+                                                           or b in a.finetune_budgets):
                         r["finetuned_test_acc"].append(
                             _finetune(cfg, s, variables, ss, best[0], a, seed))
         for b in budgets:
@@ -231,6 +234,7 @@ def quality(a) -> dict:
                      "in_band_rate": float(np.mean(r["in_band"])),
                      "evaluations": int(b + ss.sensitivity_evals),
                      "seconds_per_seed": float(np.mean(r["seconds"])),
+                     "seconds_by_seed": r["seconds"],
                      # the mean reward of each iteration's proposals (on budget: the accuracy),
                      # averaged over seeds: a method that learns raises it
                      "mean_reward_by_iteration": np.nanmean(np.asarray(r["curve"], np.float64),
@@ -245,6 +249,7 @@ def quality(a) -> dict:
                   f"{entry['mean_reward_by_iteration'][-1]:.3f}"
                   + (f"  fine-tuned test {_mean_std(r['finetuned_test_acc'])}"
                      if r["finetuned_test_acc"] else ""), flush=True)  # fmt: skip
+        _write_json(a.json, out)  # after every method: a run cut short keeps what it measured
     d = out["default_method"]
     for b in budgets:
         ms = out["by_budget"][str(b)]["methods"]
@@ -257,11 +262,17 @@ def quality(a) -> dict:
                     ms[d].setdefault("margin_se", {})[f"{key} vs {base}"] = z
                     print(f"budget {b}: {d} - {base} on {key}: {z:+.2f} standard errors")
     out["methods"] = out["by_budget"][str(budgets[-1])]["methods"]
+    _write_json(a.json, out)
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
         print(f"# wrote {a.json}")
     return out
+
+
+def _write_json(path: str, out: dict) -> None:
+    if path:
+        with open(path + ".tmp", "w") as f:
+            json.dump(out, f, indent=1)
+        os.replace(path + ".tmp", path)
 
 
 def halving(a) -> dict:
