@@ -467,18 +467,22 @@ def latency_table(cfg, s: Setup, lg, variables):
     The dense model timed is the raw network (`s.model.apply`, normalisation excluded), as the
     compacted model `run` measures against it."""
     path = latency_table_path(cfg)
-    cached = ckpt.load_json(path) if paths_lib.isfile(path) else None
-    table, fresh = latency_lib.cached_or_measure(
-        cached, lg, s.model.apply, variables, jnp.zeros((1, *s.input_shape), s.input_dtype),
-        batch=int(cfg.search.get("latency_batch", 1)), timer=_latency_timer,
-    )  # fmt: skip
-    if fresh:
-        log.info("latency table measured on %s: dense %.3f ms, rest %.3f ms -> %s",
-                 table.key["backend"], table.dense_ms, table.rest_ms, path)  # fmt: skip
-        if shd.is_primary():
+    if shd.is_primary():  # in a multi-process job process 0 alone times, the others read its table
+        cached = ckpt.load_json(path) if paths_lib.isfile(path) else None
+        table, fresh = latency_lib.cached_or_measure(
+            cached, lg, s.model.apply, variables, jnp.zeros((1, *s.input_shape), s.input_dtype),
+            batch=int(cfg.search.get("latency_batch", 1)), timer=_latency_timer,
+        )  # fmt: skip
+        if fresh:
+            log.info("latency table measured on %s: dense %.3f ms, rest %.3f ms -> %s",
+                     table.key["backend"], table.dense_ms, table.rest_ms, path)  # fmt: skip
             ckpt.save_json(path, latency_lib.to_json(table))
-    else:
-        log.info("latency table reused from %s", path)
+        else:
+            log.info("latency table reused from %s", path)
+    shd.sync("latency_table")
+    if not shd.is_primary():  # every process decodes with the same table, so the same masks
+        table = latency_lib.from_json(ckpt.load_json(path))
+        log.info("latency table of process 0 read from %s", path)
     return table
 
 

@@ -14,6 +14,7 @@ are replicated (or gathered with `to_host`), and only process 0 writes files (`i
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -139,12 +140,21 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def sync(name: str) -> None:
-    """A barrier across the processes of a multi-process job (no-op in one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+_BARRIERS = itertools.count()  # every process passes its barriers in the same order
 
-        multihost_utils.sync_global_devices(name)
+
+def sync(name: str, timeout_s: int = 3600) -> None:
+    """A barrier across the processes of a multi-process job (no-op in one process).
+
+    The coordination service's barrier (orbax's `get_barrier_sync_fn`), not a device collective:
+    a process may wait minutes for another's one-sided work (process 0 timing a latency table,
+    writing reports) where a first collective would fail on the CPU collectives' 30 s connect
+    timeout. Names get a running count, since a barrier key may be used once."""
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        multihost.get_barrier_sync_fn()(key=f"sculpt_jax:{next(_BARRIERS)}:{name}",
+                                        timeout_ms=timeout_s * 1000)  # fmt: skip
 
 
 def to_host(tree: Any) -> Any:

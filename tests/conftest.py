@@ -44,6 +44,23 @@ def tiny_setup():
     return dict(t, images=images, labels=labels, calib=calib)
 
 
+# The smoke main job of the multi-device and multi-process tests: one pretrain epoch on 256 digits
+# images, one random-search step of 3 candidates, one fine-tune epoch (same flags for both, so their
+# one-device / one-process references stay comparable).
+SMOKE_MAIN_JOB = [
+    "--model", "resnet8_tiny", "--config.max_train_examples=256",
+    "--config.pretrain.epochs=1", "--config.pretrain.batch_size=32",
+    "--config.search.method=random", "--config.search.iterations=1",
+    "--config.search.n_envs=3", "--config.search.n_steps=1",
+    "--config.search.target_flops=0.5", "--config.search.tolerance=0.05",
+    "--config.search.top_k=1", "--config.search.reward_set_size=64",
+    "--config.search.heldout_size=0", "--config.search.bn_recalib_batches=1",
+    "--config.search.bn_recalib_batch_size=32", "--config.finetune.epochs=1",
+    "--config.finetune.batch_size=32", "--config.report.latency=False",
+    "--config.report.plots=False", "--config.tensorboard=False", "--quiet",
+]  # fmt: skip
+
+
 def shared_data_file(name: str) -> str | None:
     """Path of ../shared/data/<name> beside the repository, or None."""
     here = os.path.dirname(os.path.abspath(__file__))

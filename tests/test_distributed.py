@@ -13,21 +13,15 @@ import socket
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+from conftest import SMOKE_MAIN_JOB
 
 from sculpt_jax import sharding as shd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = ["--model", "resnet8_tiny", "--config.max_train_examples=256",
-         "--config.pretrain.epochs=1", "--config.pretrain.batch_size=32",
-         "--config.search.method=random", "--config.search.iterations=1",
-         "--config.search.n_envs=3", "--config.search.n_steps=1",
-         "--config.search.target_flops=0.5", "--config.search.tolerance=0.05",
-         "--config.search.top_k=1", "--config.search.reward_set_size=64",
-         "--config.search.heldout_size=0", "--config.search.bn_recalib_batches=1",
-         "--config.search.bn_recalib_batch_size=32", "--config.finetune.epochs=1",
-         "--config.finetune.batch_size=32", "--config.report.latency=False",
-         "--config.report.plots=False", "--config.tensorboard=False", "--quiet"]  # fmt: skip
+SMOKE = SMOKE_MAIN_JOB
 TIMEOUT = 400
 
 
@@ -45,17 +39,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cmd(workdir: str, *more: str) -> list[str]:
-    return [sys.executable, "-m", "sculpt_jax", "run", "--workdir", workdir, *SMOKE, *more]
+def _cmd(workdir: str, *more: str, stage: str = "run") -> list[str]:
+    return [sys.executable, "-m", "sculpt_jax", stage, "--workdir", workdir, *SMOKE, *more]
 
 
-def _run_two(workdir: str, *more: str) -> list[subprocess.CompletedProcess]:
+def _run_two(workdir: str, *more: str, stage: str = "run") -> list[subprocess.CompletedProcess]:
     port = _free_port()
     procs = []
     for i in range(2):
         env = _env(SCULPT_NUM_PROCESSES="2", SCULPT_PROCESS_ID=str(i),
                    SCULPT_COORDINATOR=f"localhost:{port}")  # fmt: skip
-        procs.append(subprocess.Popen(_cmd(workdir, *more), env=env, cwd=ROOT, text=True,
+        procs.append(subprocess.Popen(_cmd(workdir, *more, stage=stage), env=env, cwd=ROOT,
+                                      text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
     out = []
     try:
@@ -110,6 +105,72 @@ def test_only_process_0_writes_and_logs(runs):
     assert len(lines) == 2, lines  # one epoch record + the final record, not one per process
     leftovers = [f for f in os.listdir(tmp / "two" / "report") if f.endswith((".part", ".tmp"))]
     assert not leftovers
+
+
+@pytest.mark.slow
+def test_two_processes_resume_a_run_cut_after_pretraining(runs):
+    # A run cut after its pretrain stage (the disconnect case: `pretrain` ran, the job died) and
+    # started again with the same command continues from the collectively written checkpoint
+    # (restored by both processes) and ends with the uninterrupted two-process run's masks and
+    # metrics; nothing is pretrained twice.
+    tmp = runs["tmp"]
+    wd = str(tmp / "cut")
+    for p in _run_two(wd, stage="pretrain") + _run_two(wd):
+        assert p.returncode == 0, f"{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    full, cut = _row(str(tmp / "two")), _row(wd)
+    ids = [json.load(open(tmp / n / "export" / "pattern_ids.json")) for n in ("two", "cut")]
+    assert ids[0] == ids[1]
+    for k in ("dense_val_accuracy", "val_accuracy", "test_accuracy", "flops_reduction",
+              "search_val_accuracy_before_finetune"):
+        assert cut[k] == pytest.approx(full[k], abs=1e-6), k
+    lines = open(tmp / "cut" / "pretrain" / "metrics.jsonl").read().splitlines()
+    assert len(lines) == 2, lines  # the pretrain epoch was not run again
+
+
+AC = ["--config.search.method=autocompress", "--config.autocompress.rounds=1",
+      "--config.autocompress.admm_iterations=1", "--config.autocompress.admm_steps=2",
+      "--config.autocompress.scheme=filter"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_autocompress_in_two_processes_equals_one_process(tmp_path):
+    # AutoCompress (annealing + ADMM + purification) under the multi-controller runtime: the same
+    # masks and metrics as one process on two devices; its candidates are checkpointed
+    # collectively and reported once
+    one = subprocess.run(_cmd(str(tmp_path / "one"), *AC), cwd=ROOT, capture_output=True,
+                         text=True, timeout=TIMEOUT,
+                         env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"))  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    for p in _run_two(str(tmp_path / "two"), *AC):
+        assert p.returncode == 0, f"{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    a, b = _row(str(tmp_path / "one")), _row(str(tmp_path / "two"))
+    assert a["method"] == b["method"] == "autocompress" and b["device_count"] == 2
+    from sculpt_jax import checkpoint as ckpt  # AutoCompress exports masks, not pattern ids
+
+    masks = [ckpt.load_pytree(str(tmp_path / n / "export" / "masks")) for n in ("one", "two")]
+    assert jax.tree.structure(masks[0]) == jax.tree.structure(masks[1])
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(masks[0]),
+                                                    jax.tree.leaves(masks[1]), strict=True))
+    for k in ("val_accuracy", "test_accuracy", "flops_reduction", "params_reduction",
+              "search_val_accuracy_before_finetune"):
+        assert b[k] == pytest.approx(a[k], abs=1e-6), k
+
+
+@pytest.mark.slow
+def test_latency_constraint_in_two_processes_uses_process_0s_table(tmp_path):
+    # Process 0 alone times the latency table (timings differ per process, and every process must
+    # decode with the same table); the others wait at a coordination-service barrier, which
+    # outlasts the CPU collectives' 30 s first-connect timeout, then read the table it wrote.
+    wd = tmp_path / "lat"
+    out = _run_two(str(wd), "--config.search.constraint=latency",
+                   "--config.search.target_latency=0.4", "--config.search.tolerance=0.2")
+    for p in out:
+        assert p.returncode == 0, f"{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    assert "latency table measured on cpu" in out[0].stderr
+    row = _row(str(wd))
+    assert row["target_measure"] == "latency" and row["device_count"] == 2
+    assert abs(row["latency_predicted_reduction"] - 0.4) <= 0.2
+    assert row["latency_measured_ms"] > 0 and (wd / "search" / "latency_table.json").is_file()
 
 
 def test_inconsistent_environment_is_one_clear_error(tmp_path):

@@ -16,6 +16,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from conftest import SMOKE_MAIN_JOB
 
 from sculpt_jax import sharding as shd
 
@@ -230,6 +231,7 @@ def _run_child(code: str, timeout: int = 600) -> dict:
         env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
     ).strip()
     env["JAX_PLATFORMS"] = "cpu"
+    env["SCULPT_TEST_SMOKE"] = json.dumps(SMOKE_MAIN_JOB)  # the main job's flags (conftest)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
@@ -271,16 +273,7 @@ MAIN_CHILD = textwrap.dedent(
     from sculpt_jax import cli
 
     assert jax.device_count() == 4
-    SMOKE = ["--model", "resnet8_tiny", "--config.max_train_examples=256",
-             "--config.pretrain.epochs=1", "--config.pretrain.batch_size=32",
-             "--config.search.method=random", "--config.search.iterations=1",
-             "--config.search.n_envs=3", "--config.search.n_steps=1",
-             "--config.search.target_flops=0.5", "--config.search.tolerance=0.05",
-             "--config.search.top_k=1", "--config.search.reward_set_size=64",
-             "--config.search.heldout_size=0", "--config.search.bn_recalib_batches=1",
-             "--config.search.bn_recalib_batch_size=32", "--config.finetune.epochs=1",
-             "--config.finetune.batch_size=32", "--config.report.latency=False",
-             "--config.report.plots=False", "--config.tensorboard=False", "--quiet"]
+    SMOKE = json.loads(os.environ["SCULPT_TEST_SMOKE"])
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, devices in (("one", 1), ("four", 0)):
