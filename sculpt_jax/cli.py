@@ -127,8 +127,12 @@ def parse(argv: list[str]):
     cfg = _base_config(args, overrides)
     for flag, key in SHORTCUTS.items():
         value = getattr(args, flag, None)
-        if value is not None:
-            overrides.setdefault(key, str(value))
+        if value is None:
+            continue
+        if key in overrides and overrides[key] != str(value):  # which one was meant is unknowable
+            parser.error(f"--{flag.replace('_', '-')} {value} and --config.{key}={overrides[key]} "
+                         "disagree; give one of them")  # fmt: skip
+        overrides[key] = str(value)
     if args.quiet:
         overrides["progress"] = "false"
     import jax

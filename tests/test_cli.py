@@ -120,6 +120,16 @@ def test_unknown_config_key_is_rejected(capsys):
     assert "unknown config key 'search.no_such_key'" in capsys.readouterr().err
 
 
+def test_a_shortcut_and_a_config_field_that_disagree_are_rejected(tmp_path, capsys):
+    # `--method autocompress --config.search.method=random` used to run random search silently
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--workdir", str(tmp_path / "w"), "--method", "autocompress",
+                  "--config.search.method=random"])  # fmt: skip
+    assert ("--method autocompress and --config.search.method=random disagree"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "w").exists()
+
+
 def test_main_job_smoke_end_to_end(tmp_path, capsys):
     wd = str(tmp_path / "My Drive" / "run 1")  # a mounted-Drive style path: spaces kept
     assert cli.main(["run", "--workdir", wd, *SMOKE]) == 0
