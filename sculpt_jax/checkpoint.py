@@ -565,12 +565,27 @@ def save_pytree(path: str | os.PathLike, tree: Any) -> None:
         ckptr.close()
 
 
+def _stored_on_this_host(ckptr, path: str) -> Any:
+    """The stored tree's shapes and dtypes, each placed on this process's first device: a tree
+    saved on another topology (an export from an 8-GPU host read on a laptop) loads as it is."""
+    try:
+        md = ckptr.metadata(path)
+    except Exception as e:
+        raise CorruptCheckpointError(f"{path!r} is unreadable ({e}); re-export it.") from e
+    md = getattr(md, "item_metadata", md)
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here)
+                        if hasattr(m, "shape") and hasattr(m, "dtype") else m,
+                        getattr(md, "tree", md))  # fmt: skip
+
+
 def load_pytree(path: str | os.PathLike, like: Any = None) -> Any:
     """Loads a pytree saved by `save_pytree`.
 
     Args:
       path: the folder given to `save_pytree`.
-      like: a pytree of the expected structure (arrays or ShapeDtypeStructs); None gives raw dicts.
+      like: a pytree of the expected structure (arrays or ShapeDtypeStructs); None gives raw dicts
+        of arrays on this process's first device, whatever devices the tree was saved from.
     Raises:
       FileNotFoundError: nothing at `path`.
       CheckpointMismatchError: `like` differs from the stored tree (first differing path named).
@@ -581,8 +596,8 @@ def load_pytree(path: str | os.PathLike, like: Any = None) -> Any:
         raise FileNotFoundError(f"no saved pytree at {path!r}; check the path (or export first).")
     ckptr = ocp.StandardCheckpointer()
     try:
-        abstract = None if like is None else jax.tree.map(_abstract, like)
-        if abstract is not None:
+        abstract = _stored_on_this_host(ckptr, path) if like is None else jax.tree.map(_abstract, like)
+        if like is not None:
             try:
                 md = ckptr.metadata(path)
             except Exception as e:
@@ -598,7 +613,7 @@ def load_pytree(path: str | os.PathLike, like: Any = None) -> Any:
             return ckptr.restore(path, abstract)
         except Exception as e:
             msg = str(e)
-            if abstract is not None and any(h in msg for h in _MISMATCH_HINTS):
+            if like is not None and any(h in msg for h in _MISMATCH_HINTS):
                 raise CheckpointMismatchError(f"{path!r}: {msg.splitlines()[0]}") from e
             raise CorruptCheckpointError(f"{path!r} is unreadable ({e}); re-export it.") from e
     finally:

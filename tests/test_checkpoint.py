@@ -4,6 +4,7 @@ import functools
 import os
 import pathlib
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -196,6 +197,28 @@ def test_save_and_load_pytree(tmp_path):
         ck.load_pytree(tmp_path / "export", {**tree, "params": _params(width=5)})
     with pytest.raises(FileNotFoundError):
         ck.load_pytree(tmp_path / "nothing", tree)
+
+
+def test_a_pytree_saved_on_two_devices_loads_on_one(tmp_path):
+    # An export written on a multi-device host (leaves sharded over its mesh) read where there is
+    # one device: before, `load_pytree(path)` failed with orbax's "topology mismatch" and told the
+    # user to re-export
+    code = f"""
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from sculpt_jax import checkpoint as ck
+mesh = Mesh(np.array(jax.devices()), ("data",))
+w = jax.device_put(jnp.arange(8.0).reshape(4, 2), NamedSharding(mesh, P("data")))
+b = jax.device_put(jnp.ones(3), NamedSharding(mesh, P()))
+ck.save_pytree({str(tmp_path / "tree")!r}, {{"w": w, "b": b}})
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(pathlib.Path(__file__).parents[1]))  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=300)
+    got = ck.load_pytree(tmp_path / "tree")
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.arange(8.0).reshape(4, 2))
+    np.testing.assert_array_equal(np.asarray(got["b"]), np.ones(3))
+    assert jax.device_count() == 1 or got["w"].sharding.num_devices == 1
 
 
 def test_json_helpers(tmp_path):
