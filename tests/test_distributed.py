@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import SMOKE_MAIN_JOB
 
+from sculpt_jax import checkpoint as ckpt
 from sculpt_jax import sharding as shd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,8 +146,7 @@ def test_autocompress_in_two_processes_equals_one_process(tmp_path):
         assert p.returncode == 0, f"{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
     a, b = _row(str(tmp_path / "one")), _row(str(tmp_path / "two"))
     assert a["method"] == b["method"] == "autocompress" and b["device_count"] == 2
-    from sculpt_jax import checkpoint as ckpt  # AutoCompress exports masks, not pattern ids
-
+    # AutoCompress exports masks, not pattern ids
     masks = [ckpt.load_pytree(str(tmp_path / n / "export" / "masks")) for n in ("one", "two")]
     assert jax.tree.structure(masks[0]) == jax.tree.structure(masks[1])
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(masks[0]),
