@@ -23,9 +23,11 @@ split into two convs (3x2 + 3x3, concatenated) vs the one 3x3 conv that `compact
 
 A pattern table (first) draws random reference6 patterns (``random_pattern_masks``) at a rate
 bisected to --target TRUE FLOPs reduction and times dense, masked, compact (filter lowering, align
-1 and 16) and grouped (`compact(lowering="grouped")`) round-robin, one JSON row per model and
-batch (dense_ms, masked_ms, compact_ms, compact_a16_ms, grouped_ms, max_abs_err, flops_ratio,
-share = ((dense_ms - grouped_ms) / dense_ms) / (1 - flops_ratio)). A grouped-layer table times
+1 and 16), grouped (`compact(lowering="grouped")`), taps and auto (`compact(lowering="auto")`:
+each conv on the lowering `compaction.choose_lowerings` timed fastest for it at that batch)
+round-robin, one JSON row per model and batch (dense_ms, masked_ms, compact_ms, compact_a16_ms,
+grouped_ms, taps_ms, auto_ms, auto_kept, auto_layers, max_abs_err, flops_ratio, share =
+((dense_ms - grouped_ms) / dense_ms) / (1 - flops_ratio), share_auto likewise). A grouped-layer table times
 one conv under the three lowerings (`bench_grouped_layer`).
 
     python benchmarks/latency.py [--models resnet56 mobilenet_v2] [--batches 1 256] [--align 1 16]
@@ -213,33 +215,41 @@ def bench_patterns(name, batches, target, repeats, min_widths=(0,), taps_min_wid
                                   group_min_width=w) for w in (0, taps_min_width)}  # fmt: skip
     named["taps"] = (taps[0][0], taps[0][1])
     named[f"taps_w{taps_min_width}"] = (taps[taps_min_width][0], taps[taps_min_width][1])
+    autos = {b: compaction.compact(model.apply, v, graph, masks, x1, lowering="auto",
+                                   auto_batch=b) for b in batches}  # fmt: skip
     print(f"\n## {name}: random reference6 patterns (q={q:.3f}), true FLOPs reduction {red:.3f}; "
           f"stored params dense {comp[2]['dense_stored_params']} compact "
           f"{comp[2]['stored_params']} grouped "
           + ", ".join(f"w{w}: {g[2]['stored_params']}" for w, g in grouped.items())
           + f" (counted {comp[2]['params']})")  # fmt: skip
-    print("batch " + " ".join(f"{k:>12s}" for k in named) + "   max_abs_err  share (grouped)")
+    print("batch " + " ".join(f"{k:>12s}" for k in [*named, "auto"])
+          + "   max_abs_err  share (grouped)")  # fmt: skip
     rows = []
     for b in batches:
         x = jax.random.normal(jax.random.key(b), (b, *x1.shape[1:]), jax.numpy.float32)
         n = repeats if b <= 8 else max(3, repeats // 4)
-        r = compaction.measure_latencies(named, x, repeats=n)
+        auto = autos[b]  # each conv on the lowering timed fastest for it at this batch
+        r = compaction.measure_latencies({**named, "auto": (auto[0], auto[1])}, x, repeats=n)
         ref = np.asarray(jax.jit(dense_apply)(masked_v, x))
         w0 = min_widths[0]
         err = max(float(np.abs(np.asarray(g[0](g[1], x)) - ref).max())
-                  for g in [*grouped.values(), nc, *taps.values()])  # fmt: skip
-        t = {k: r[k]["median_ms"] for k in named}
+                  for g in [*grouped.values(), nc, *taps.values(), auto])  # fmt: skip
+        t = {k: r[k]["median_ms"] for k in [*named, "auto"]}
+        used = [d["lowering"] for d in auto[2]["layers"] if "lowering" in d]
         share = (t["dense"] - t[f"grouped_w{w0}"]) / t["dense"] / (1 - ratio)
         rows.append({"model": name, "batch": b, "dense_ms": t["dense"], "masked_ms": t["masked"],
                      "compact_ms": t["compact"], "compact_a16_ms": t["compact_a16"],
                      "grouped_ms": t[f"grouped_w{w0}"], "grouped_uncoupled_ms": t["grouped_nc"],
                      "taps_ms": t["taps"], "taps_wide_ms": t[f"taps_w{taps_min_width}"],
-                     "taps_min_width": taps_min_width,
+                     "taps_min_width": taps_min_width, "auto_ms": t["auto"],
+                     "auto_kept": auto[2]["auto_lowering"]["kept"],
+                     "auto_layers": {k: used.count(k) for k in sorted(set(used))},
+                     "share_auto": (t["dense"] - t["auto"]) / t["dense"] / (1 - ratio),
                      "grouped_ms_by_min_width": {str(w): t[f"grouped_w{w}"] for w in grouped},
                      "max_abs_err": err, "flops_ratio": ratio, "share": share, "share_taps_wide":
                      (t["dense"] - t[f"taps_w{taps_min_width}"]) / t["dense"] / (1 - ratio), "q": q,
                      "repeats": n})  # fmt: skip
-        print(f"{b:5d} " + " ".join(f"{t[k]:12.2f}" for k in named) + f"   {err:.1e}   "
+        print(f"{b:5d} " + " ".join(f"{t[k]:12.2f}" for k in [*named, "auto"]) + f"   {err:.1e}   "
               f"{share:.2f}")  # fmt: skip
     return rows
 

@@ -460,16 +460,20 @@ def finetune(
 
 
 def compact(result: PruneResult | FinetuneResult, sample_input: Any = None, *, align: int = 1,
-            crop: bool = True, lowering: str = "filters") -> tuple[Callable, dict, dict]:  # fmt: skip
+            crop: bool = True, lowering: str = "filters", auto_batch: int | None = None,
+            layer_lowerings: dict[str, str] | None = None) -> tuple[Callable, dict, dict]:  # fmt: skip
     """The physically smaller model of a result: ``(compact_apply_fn, compact_variables, info)``.
 
     ``compact_apply_fn(compact_variables, x)`` is jitted and equals the masked model's output for
     any batch (`compaction.compact`: removed filters and channels gone, kernels cropped; `align`
     pads stored widths to a multiple; ``lowering="grouped"`` runs one cropped conv per pattern
     group, ``"taps"`` one matmul per kernel tap; both slower than "filters" on XLA:CPU for
-    CIFAR-width layers). `sample_input` defaults to the shape the model was
+    CIFAR-width layers; ``"auto"`` times each conv in every lowering at batch `auto_batch` and
+    keeps the fastest, ``info["auto_lowering"]`` says what was measured; `layer_lowerings`
+    pins single convs by layer name). `sample_input` defaults to the shape the model was
     pruned on.
     """
     x = result.sample_input if sample_input is None else sample_input
     return compaction.compact(result.apply_fn, result.variables, result.graph, result.masks, x,
-                              crop=crop, align=align, lowering=lowering)  # fmt: skip
+                              crop=crop, align=align, lowering=lowering, auto_batch=auto_batch,
+                              layer_lowerings=layer_lowerings)  # fmt: skip

@@ -44,6 +44,11 @@ represents every activation by its *kept* channels along one feature axis:
   masked kernel's; on XLA:CPU it pays only on wide layers: with ``group_min_width=128`` (thinner
   convs on the filter lowering) a pattern-pruned VGG-16 ran 1.8-2.1x faster than the filter
   lowering, while on 16-32 channels one tap-lowered conv is ~3x a dense one.
+* ``lowering="auto"``: each conv on the lowering measured fastest for it on this backend and
+  batch (`choose_lowerings`: every conv timed alone in each lowering it can take, one lowering per
+  coupled group, and the result kept only if the whole model beats the filter lowering);
+  ``layer_lowerings={name: lowering}`` pins single convs, and `choose_lowerings`' ``choices``
+  passed back there rebuild the same model without measuring.
 * elementwise ops take the union of their operands' kept channels (a residual-stream channel is
   dropped only where EVERY addend is dropped; sorted, or in the widest operand's order); per-channel parameter operands (BN, biases) are
   sliced, and the fill is pushed through the op (so ``(0 - mean) * 0 + 0`` stays exactly 0);
@@ -69,7 +74,7 @@ zeros of patterns that could not be cropped; BN statistics are folded in); under
 lowering a reference6 model stores no kernel zeros at all (per-layer ``groups`` lists the group
 kernels' shapes).
 
-Host-only: `compact`, `auto_align`, `save_compact`, `load_compact`, `measure_latency`,
+Host-only: `compact`, `choose_lowerings`, `auto_align`, `save_compact`, `load_compact`, `measure_latency`,
 `measure_latencies`, `latency_report`. The returned ``compact_apply_fn`` is jittable. Sections:
 AutoSculpt (arXiv 2412.18091) Sec. 4 (acceleration of pattern-pruned models by compaction);
 latency measurement and `align` are ours.
@@ -83,7 +88,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -91,6 +96,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sculpt_jax import checkpoint, flops, masking, trace
+from sculpt_jax import latency as latency_lib
 from sculpt_jax import paths as paths_lib
 from sculpt_jax.tree_util import flatten_with_paths, path_of
 from sculpt_jax.types import LayerGraph
@@ -98,6 +104,7 @@ from sculpt_jax.types import LayerGraph
 __all__ = [
     "LOWERINGS",
     "auto_align",
+    "choose_lowerings",
     "compact",
     "latency_report",
     "load_compact",
@@ -324,7 +331,8 @@ class _Interp:
     def __init__(self, *, record: bool, plan: dict, cvars: dict, layers_by_kernel=None,
                  filter_alive=None, kernel_masks=None, crop: bool = True,
                  align: int = 1, lowering: str = "filters", group_min_width: int = 0,
-                 group_min_filters: int = 1, ungrouped: frozenset = frozenset()):  # fmt: skip
+                 group_min_filters: int = 1, ungrouped: frozenset = frozenset(),
+                 layer_lowerings: dict | None = None):  # fmt: skip
         self.record = record
         self.plan = plan
         self.cvars = cvars
@@ -337,6 +345,9 @@ class _Interp:
         self.group_min_width = int(group_min_width)
         self.group_min_filters = int(group_min_filters)
         self.ungrouped = ungrouped  # layer indices kept on the filter lowering
+        self.layer_lowerings = dict(layer_lowerings or {})  # layer index -> lowering (wins)
+        self.sites: dict[int, list[str]] = {}  # layer index -> its conv equations' ids
+        self.site_eqns: dict = {}  # conv equation id -> the equation (`_site_op`)
         self.eid = 0  # equations on activations: keys of the plan and of compact_variables
         self.pid = 0  # parameter-only equations: keys of `pvals` (see `_param_pass`)
         self.layer_info: dict[int, dict] = {}
@@ -607,12 +618,14 @@ class _Interp:
             s = out if g > 1 else s
         padding = [list(x) for x in p["padding"]] if not isinstance(p["padding"], str) else None
         feature_last = tuple(dn.lhs_spec) == tuple(dn.out_spec) and lf == k.ndim - 1
-        if (g == 1 and self.lowering != "filters" and len(out) >= self.group_min_width
-                and li not in self.ungrouped and (self.lowering != "taps" or feature_last)
+        self.sites.setdefault(li, []).append(eid)
+        self.site_eqns[eid] = eqn
+        low = self._lowering_at(li, len(out))
+        if (g == 1 and low != "filters" and (low != "taps" or feature_last)
                 and padding is not None and all(d == 1 for d in p["rhs_dilation"])
                 and all(d == 1 for d in p["lhs_dilation"])):  # fmt: skip
             return self.decide_gconv(eqn, eid, layer, k, kmask, width, s, out, live, alive,
-                                     padding)  # fmt: skip
+                                     padding, low)  # fmt: skip
         if g == 1:
             out = _aligned(out, fcount, live, self.align)
         kc = np.take(k, out, axis=ro)
@@ -643,7 +656,18 @@ class _Interp:
         return {"kind": "conv", "in_axis": lf, "in_idx": np.asarray(s).tolist(),
                 "groups": int(new_g), "padding": padding, "out": [rep.to_json()]}  # fmt: skip
 
-    def decide_gconv(self, eqn, eid, layer, k, kmask, width, s, out, live, alive, padding):
+    def _lowering_at(self, li: int, n_out: int) -> str:
+        """Layer li's lowering: its `layer_lowerings` entry, else "filters" for a coupled conv
+        under ``group_coupled=False`` or one of fewer than group_min_width kept filters, else
+        the model-wide lowering."""
+        if li in self.layer_lowerings:
+            return self.layer_lowerings[li]
+        if li in self.ungrouped or n_out < self.group_min_width:
+            return "filters"
+        return self.lowering
+
+    def decide_gconv(self, eqn, eid, layer, k, kmask, width, s, out, live, alive, padding,
+                     lowering):  # fmt: skip
         """The grouped lowering of a (feature_group_count 1) conv: its kept filters `out` grouped
         by their exact spatial footprint (`_footprint_groups`), each group one conv with the
         kernel cropped to the group's bounding box of taps and the padding shifted by the crop
@@ -656,7 +680,7 @@ class _Interp:
         mc = np.take(np.take(kmask, out, axis=ro), s, axis=ri)
         foot = np.moveaxis(mc.any(axis=ri, keepdims=True), (ro, *sp), range(1 + len(sp)))
         foot = foot.reshape(foot.shape[: 1 + len(sp)])  # [F, *spatial]
-        if self.lowering == "taps":
+        if lowering == "taps":
             return self.decide_taps(eqn, eid, layer, kc, mc, kmask, foot, width, s, out, live,
                                     alive, padding)  # fmt: skip
         convs, order, shapes = [], [], []
@@ -711,33 +735,6 @@ class _Interp:
         rep = _Rep(dn.out_spec[1], out.astype(np.int64), fcount, np.zeros(fcount, dtype))
         return {"kind": "taps", "in_axis": dn.lhs_spec[1], "in_idx": np.asarray(s).tolist(),
                 "padding": padding, "taps": taps, "out": [rep.to_json()]}  # fmt: skip
-
-    def _exec_taps(self, eqn, x, eid, d, n_out):
-        p = eqn.params
-        sp_axes = tuple(p["dimension_numbers"].lhs_spec[2:])
-        cfg = [(0, 0, 0)] * x.ndim
-        for si, ax in enumerate(sp_axes):
-            cfg[ax] = (int(d["padding"][si][0]), int(d["padding"][si][1]), 0)
-        xp = jax.lax.pad(x, jnp.zeros((), x.dtype), cfg)
-        out_shape = eqn.outvars[0].aval.shape
-        y = None
-        for j, t in enumerate(d["taps"]):
-            start, limit, st = [0] * x.ndim, list(xp.shape), [1] * x.ndim
-            for si, ax in enumerate(sp_axes):
-                stride = int(p["window_strides"][si])
-                start[ax] = t["tap"][si]
-                limit[ax] = start[ax] + (out_shape[ax] - 1) * stride + 1
-                st[ax] = stride
-            xs = jax.lax.slice(xp, start, limit, st)
-            w = jnp.asarray(self.cvars[f"{eid}.1.{j}"])
-            part = jax.lax.dot_general(xs, w, (((x.ndim - 1,), (0,)), ((), ())),
-                                       precision=p.get("precision"))  # fmt: skip
-            pad = [(0, 0, 0)] * (x.ndim - 1) + [(t["lo"], n_out - t["hi"], 0)]
-            part = jax.lax.pad(part, jnp.zeros((), part.dtype), pad)
-            y = part if y is None else y + part
-        if y is None:  # no tap kept at all: the kept filters are all exactly zero
-            y = jnp.zeros((*out_shape[:-1], n_out), x.dtype)
-        return y
 
     def decide_dot(self, eqn, ins, eid, kpos):
         p = eqn.params
@@ -831,25 +828,10 @@ class _Interp:
             vals = self._pvals(eqn, ins, eid, [tgt] * len(ins))
             vals = [_expand(x, axis, idx) if isinstance(x, _A) else x for x in vals]
             return [_A(eqn.primitive.bind(*vals, **p), reps[0])]
-        if kind == "conv":
+        if kind in _CONV_KINDS:
             x = _expand(ins[0], d["in_axis"], np.asarray(d["in_idx"], np.int64))
-            w = jnp.asarray(self.cvars[f"{eid}.1"])
-            p["feature_group_count"] = d["groups"]
-            if d["padding"] is not None:
-                p["padding"] = tuple(tuple(int(v) for v in pp) for pp in d["padding"])
-            return [_A(eqn.primitive.bind(x, w, **p), reps[0])]
-        if kind == "gconv":
-            x = _expand(ins[0], d["in_axis"], np.asarray(d["in_idx"], np.int64))
-            outs = []
-            for j, c in enumerate(d["convs"]):
-                p["padding"] = tuple(tuple(int(v) for v in pp) for pp in c["padding"])
-                outs.append(eqn.primitive.bind(x, jnp.asarray(self.cvars[f"{eid}.1.{j}"]), **p))
-            axis = p["dimension_numbers"].out_spec[1]
-            y = outs[0] if len(outs) == 1 else jax.lax.concatenate(outs, axis)
-            return [_A(y, reps[0])]
-        if kind == "taps":
-            x = _expand(ins[0], d["in_axis"], np.asarray(d["in_idx"], np.int64))
-            return [_A(self._exec_taps(eqn, x, eid, d, len(reps[0].idx)), reps[0])]
+            ks = [jnp.asarray(k) for k in _conv_kernels(self.cvars, eid, d)]
+            return [_A(_run_conv(eqn, x, d, ks), reps[0])]
         if kind == "dot":
             kpos = d["kpos"]
             a = ins[1 - kpos]
@@ -886,6 +868,70 @@ class _Interp:
             p["padding_config"] = tuple(cfg)
             vals[1] = vals[1].reshape(()).astype(a.val.dtype)
         return eqn.primitive.bind(*vals, **p)
+
+
+# --------------------------------------------------------------------------------------------
+# The lowered conv ops (record, replay and `choose_lowerings`' per-layer timing run the same code).
+
+_CONV_KINDS = ("conv", "gconv", "taps")
+
+
+def _conv_kernels(cvars: dict, eid: str, d: dict) -> list:
+    """The kernels of conv plan entry `d` (equation `eid`) in `cvars`, in the order `_run_conv`
+    reads them: one for "conv", one per group for "gconv", one per tap run for "taps"."""
+    if d["kind"] == "conv":
+        return [cvars[f"{eid}.1"]]
+    n = len(d["convs"]) if d["kind"] == "gconv" else len(d["taps"])
+    return [cvars[f"{eid}.1.{j}"] for j in range(n)]
+
+
+def _run_conv(eqn, x, d: dict, kernels: list):
+    """The conv equation `eqn` lowered as plan entry `d` on `x` (the input already restricted to
+    ``d["in_idx"]``), with `kernels` (`_conv_kernels`); jittable."""
+    p = dict(eqn.params)
+    if d["kind"] == "conv":
+        p["feature_group_count"] = d["groups"]
+        if d["padding"] is not None:
+            p["padding"] = tuple(tuple(int(v) for v in pp) for pp in d["padding"])
+        return eqn.primitive.bind(x, kernels[0], **p)
+    if d["kind"] == "gconv":
+        outs = []
+        for c, w in zip(d["convs"], kernels, strict=True):
+            p["padding"] = tuple(tuple(int(v) for v in pp) for pp in c["padding"])
+            outs.append(eqn.primitive.bind(x, w, **p))
+        axis = p["dimension_numbers"].out_spec[1]
+        return outs[0] if len(outs) == 1 else jax.lax.concatenate(outs, axis)
+    return _run_taps(eqn, x, d, kernels, len(d["out"][0]["idx"]))
+
+
+def _run_taps(eqn, x, d: dict, kernels: list, n_out: int):
+    """The tap lowering (`_Interp.decide_taps`): one matmul per kernel tap and filter run on a
+    shifted, strided window of the padded input, zero-padded to the run's place and summed."""
+    p = eqn.params
+    sp_axes = tuple(p["dimension_numbers"].lhs_spec[2:])
+    cfg = [(0, 0, 0)] * x.ndim
+    for si, ax in enumerate(sp_axes):
+        cfg[ax] = (int(d["padding"][si][0]), int(d["padding"][si][1]), 0)
+    xp = jax.lax.pad(x, jnp.zeros((), x.dtype), cfg)
+    out_shape = eqn.outvars[0].aval.shape
+    y = None
+    for t, w in zip(d["taps"], kernels, strict=True):
+        start, limit, st = [0] * x.ndim, list(xp.shape), [1] * x.ndim
+        for si, ax in enumerate(sp_axes):
+            stride = int(p["window_strides"][si])
+            start[ax] = t["tap"][si]
+            limit[ax] = start[ax] + (out_shape[ax] - 1) * stride + 1
+            st[ax] = stride
+        xs = jax.lax.slice(xp, start, limit, st)
+        part = jax.lax.dot_general(xs, w, (((x.ndim - 1,), (0,)), ((), ())),
+                                   precision=p.get("precision"))  # fmt: skip
+        pad = [(0, 0, 0)] * (x.ndim - 1) + [(t["lo"], n_out - t["hi"], 0)]
+        part = jax.lax.pad(part, jnp.zeros((), part.dtype), pad)
+        y = part if y is None else y + part
+    if y is None:  # no tap kept at all: the kept filters are all exactly zero
+        y = jnp.zeros((*out_shape[:-1], n_out), x.dtype)
+    return y
+
 
 
 def _footprint_groups(foot: np.ndarray, min_filters: int = 1) -> list[np.ndarray]:
@@ -1053,6 +1099,9 @@ def compact(
     group_min_width: int = 0,
     group_min_filters: int = 1,
     group_coupled: bool = True,
+    layer_lowerings: Mapping[str, str] | None = None,
+    auto_batch: int | None = None,
+    timer: Callable | None = None,
 ) -> tuple[Callable, dict[str, np.ndarray], dict]:
     """Builds the physically smaller model equal to the masked one (host-only; see module doc).
 
@@ -1072,20 +1121,81 @@ def compact(
         ALL kept filters allow) or "grouped" (a conv of at least `group_min_width` kept filters
         becomes one cropped conv per group of filters with the same spatial footprint, outputs
         concatenated, the permutation folded into the consumers) or "taps" (one matmul per
-        kernel tap on the contiguous filters keeping it); see the module docstring.
+        kernel tap on the contiguous filters keeping it); see the module docstring. "auto":
+        each conv on the lowering measured fastest for it on this backend (`choose_lowerings`
+        at batch `auto_batch`, default the batch of `sample_input`; `timer` as there).
       group_min_width: conv layers with fewer kept filters keep the filter lowering under
         "grouped" and "taps" (0 = every conv).
       group_min_filters: footprint groups of fewer filters are merged into one bounding-box conv.
       group_coupled: also group the convs of coupled (residual-summed) groups; their permuted
         outputs are gathered into one order at each add. False = those convs keep the filter
         lowering (sorted channels, no gathers; fewer cropped convs).
+      layer_lowerings: ``{layer name: lowering}`` overrides for single conv layers (they win
+        over every rule above; with "auto", over the measured choice).
     Returns:
       (compact_apply_fn, compact_variables, info): ``compact_apply_fn(compact_variables, x)`` is
       jitted and equals ``apply_fn(apply_masks(variables, masks), x, train=False)`` for any batch
       size; compact_variables is a flat dict ``{"<eqn>.<operand>": np.ndarray}``; info is a
       JSON-able dict (params, masked_params, dropped_kernel_entries, dropped_affine_entries,
-      stored_params, dense_stored_params, layers: per-layer widths before/after, plan (for export)).
+      stored_params, dense_stored_params, layers: per-layer widths before/after and lowering,
+      plan (for export); with "auto", ``auto_lowering`` = `choose_lowerings`' record).
     """
+    prep = _prepare(apply_fn, variables, graph, masks, sample_input, align=align,
+                    lowering=lowering, layer_lowerings=layer_lowerings)  # fmt: skip
+    opts = dict(crop=crop, align=align, group_min_width=group_min_width,
+                group_min_filters=group_min_filters, group_coupled=group_coupled)  # fmt: skip
+    fixed = _layer_indices(graph, layer_lowerings)
+    auto = None
+    if lowering == "auto":
+        auto = _choose(apply_fn, variables, masks, prep, auto_batch, timer, opts, fixed)
+        fixed = {**auto.pop("_by_index"), **fixed}
+    low = "filters" if lowering == "auto" else lowering
+    interp = _record(prep, prep.xs, low, fixed, **opts)
+    # Counts describe the pruned model, not its storage: with align > 1 they come from the
+    # unpadded plan (a padded channel is materialised, so its consumers would count reads of it).
+    counted = interp if align == 1 else _record(prep, prep.xs, low, fixed, **{**opts, "align": 1})
+    fn = _make_compact_fn(apply_fn, prep.treedef, prep.abstract, interp.plan, prep.out_treedef)
+    info = _info(graph, masks, counted.layer_info, counted.cvars, prep.leaves, prep.kernel_masks,
+                 prep.filter_alive)  # fmt: skip
+    info["stored_params"] = int(sum(np.size(v) for v in interp.cvars.values()))
+    info["align"] = align
+    info["lowering"] = lowering
+    kinds = {li: interp.plan[e[-1]]["kind"] for li, e in interp.sites.items()}
+    for d in info["layers"]:  # kernel_after: the pruned kernel; kernel_stored: with padding
+        d["kernel_stored"] = interp.layer_info.get(d["index"], d)["kernel_after"]
+        if d["index"] in kinds:
+            d["lowering"] = _KIND_LOWERING[kinds[d["index"]]]
+    if auto is not None:
+        info["auto_lowering"] = auto
+    info["plan"] = interp.plan
+    info["leaf_shapes"] = [[list(a.shape), str(a.dtype)] for a in prep.abstract]
+    info["leaf_paths"] = [list(p) for p in prep.paths]
+    return fn, interp.cvars, info
+
+
+_KIND_LOWERING = {"conv": "filters", "gconv": "grouped", "taps": "taps"}
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """What every recording of one model's compaction shares (host; `_prepare`)."""
+
+    graph: LayerGraph
+    paths: list
+    leaves: list
+    treedef: Any
+    abstract: list
+    filter_alive: list
+    kernel_masks: dict
+    by_kernel: dict
+    closed: Any
+    pvals: dict
+    xs: Any
+    out_treedef: Any
+
+
+def _prepare(apply_fn, variables, graph, masks, sample_input, *, align, lowering,
+             layer_lowerings) -> _Prepared:  # fmt: skip
     if not hasattr(sample_input, "shape") or len(sample_input.shape) < 1:
         raise CompactError(
             "sample_input must be an array [B, ...], e.g. jnp.zeros((1, 32, 32, 3)); got "
@@ -1093,8 +1203,9 @@ def compact(
         )
     if not isinstance(align, int) or align < 1:
         raise CompactError(f"align must be an int >= 1 (1 = no padding), got {align!r}.")
-    if lowering not in LOWERINGS:
-        raise CompactError(f"lowering must be one of {LOWERINGS}, got {lowering!r}.")
+    if lowering not in (*LOWERINGS, "auto"):
+        raise CompactError(f"lowering must be one of {(*LOWERINGS, 'auto')}, got {lowering!r}.")
+    _layer_indices(graph, layer_lowerings)  # names and values checked before any work
     if masks is None:
         masks = masking.ones_masks(variables)
     masked_vars = masking.apply_masks(variables, masks)
@@ -1111,52 +1222,169 @@ def compact(
         if m is not None:
             kernel_masks[layer.kernel_path] = np.asarray(m) != 0
     by_kernel = {layer.kernel_path: layer.index for layer in graph.layers}
-    ungrouped = frozenset() if group_coupled else frozenset(
-        li for grp in graph.coupled_groups if len(grp) > 1 for li in grp)  # fmt: skip
     xs = jax.ShapeDtypeStruct(tuple(sample_input.shape), sample_input.dtype)
     closed = _jaxpr_for(apply_fn, treedef, abstract, xs)
     pvals = jax.jit(lambda lv: _param_pass(closed, lv))(leaves)
     pvals = {k: np.asarray(v) for k, v in pvals.items()}
-    args = [_P(v, p) for v, p in zip(leaves, paths, strict=True)]
+    out_shape = jax.eval_shape(lambda v, x: apply_fn(v, x, train=False), masked_vars, xs)
+    return _Prepared(graph, paths, leaves, treedef, abstract, filter_alive, kernel_masks,
+                     by_kernel, closed, pvals, xs, jax.tree.structure(out_shape))  # fmt: skip
 
-    def record(align_):
-        interp_ = _Interp(record=True, plan={}, cvars={}, layers_by_kernel=by_kernel,
-                          filter_alive=filter_alive, kernel_masks=kernel_masks, crop=crop,
-                          align=align_, lowering=lowering, group_min_width=group_min_width,
-                          group_min_filters=group_min_filters,
-                          ungrouped=ungrouped)  # fmt: skip
-        interp_.layers_by_kernel_layer = graph.layers
-        interp_.pvals = pvals
 
-        def run(x):
-            outs = interp_.run_closed(closed, args + [_A(x, None)])
-            return [_full(o) for o in outs if isinstance(o, _A)]
+def _layer_indices(graph: LayerGraph, layer_lowerings: Mapping[str, str] | None) -> dict:
+    """``{layer index: lowering}`` of ``{layer name: lowering}`` (CompactError naming a bad one)."""
+    by_name = {la.name: la.index for la in graph.layers}
+    out = {}
+    for name, low in (layer_lowerings or {}).items():
+        if name not in by_name:
+            raise CompactError(
+                f"layer_lowerings names {name!r}, not a layer of this model; its layers are "
+                f"{sorted(by_name)[:8]}{' ...' if len(by_name) > 8 else ''} (`info` lists them)."
+            )
+        if low not in LOWERINGS:
+            raise CompactError(f"layer_lowerings[{name!r}] must be one of {LOWERINGS}, got {low!r}.")
+        out[by_name[name]] = low
+    return out
 
-        jax.eval_shape(run, xs)
-        return interp_
 
-    interp = record(align)
-    # Counts describe the pruned model, not its storage: with align > 1 they come from the
-    # unpadded plan (a padded channel is materialised, so its consumers would count reads of it).
-    counted = interp if align == 1 else record(1)
-    out_shape = jax.eval_shape(
-        lambda v, x: apply_fn(v, x, train=False), masked_vars, xs
-    )  # fmt: skip
-    out_treedef = jax.tree.structure(out_shape)
-    plan = interp.plan
-    cvars = interp.cvars
-    fn = _make_compact_fn(apply_fn, treedef, abstract, plan, out_treedef)
-    info = _info(graph, masks, counted.layer_info, counted.cvars, leaves, kernel_masks,
-                 filter_alive)  # fmt: skip
-    info["stored_params"] = int(sum(np.size(v) for v in cvars.values()))
-    info["align"] = align
-    info["lowering"] = lowering
-    for d in info["layers"]:  # kernel_after: the pruned kernel; kernel_stored: with padding
-        d["kernel_stored"] = interp.layer_info.get(d["index"], d)["kernel_after"]
-    info["plan"] = plan
-    info["leaf_shapes"] = [[list(a.shape), str(a.dtype)] for a in abstract]
-    info["leaf_paths"] = [list(p) for p in paths]
-    return fn, cvars, info
+def _record(prep: _Prepared, xs, lowering, layer_lowerings, *, crop, align, group_min_width,
+            group_min_filters, group_coupled) -> _Interp:  # fmt: skip
+    """One recording pass (shapes only): the interpreter with its plan, cvars and layer info."""
+    graph = prep.graph
+    ungrouped = frozenset() if group_coupled else frozenset(
+        li for grp in graph.coupled_groups if len(grp) > 1 for li in grp)  # fmt: skip
+    interp = _Interp(record=True, plan={}, cvars={}, layers_by_kernel=prep.by_kernel,
+                     filter_alive=prep.filter_alive, kernel_masks=prep.kernel_masks, crop=crop,
+                     align=align, lowering=lowering, group_min_width=group_min_width,
+                     group_min_filters=group_min_filters, ungrouped=ungrouped,
+                     layer_lowerings=layer_lowerings)  # fmt: skip
+    interp.layers_by_kernel_layer = graph.layers
+    interp.pvals = prep.pvals
+    args = [_P(v, p) for v, p in zip(prep.leaves, prep.paths, strict=True)]
+
+    def run(x):
+        outs = interp.run_closed(prep.closed, args + [_A(x, None)])
+        return [_full(o) for o in outs if isinstance(o, _A)]
+
+    jax.eval_shape(run, xs)
+    return interp
+
+
+def choose_lowerings(
+    apply_fn: Callable,
+    variables: Any,
+    graph: LayerGraph,
+    masks: Any,
+    sample_input: Any,
+    *,
+    batch: int | None = None,
+    timer: Callable | None = None,
+    crop: bool = True,
+    align: int = 1,
+    group_min_width: int = 0,
+    group_min_filters: int = 1,
+    group_coupled: bool = True,
+    layer_lowerings: Mapping[str, str] | None = None,
+) -> dict:
+    """Measures, per conv layer, which lowering runs it fastest on this backend (host-only).
+
+    Every conv that can take more than one of `LOWERINGS` (depthwise convs, dilated or
+    string-padded ones and dense layers only have "filters"; "taps" needs a feature-last layout;
+    `group_min_width` / `group_coupled` / `layer_lowerings` restrict the choice as in `compact`)
+    is timed ALONE in each (its op on random input at its compact input width, batch `batch`,
+    default that of `sample_input`), by ``timer(build, info) -> ms`` (`latency.Timer`; default
+    `latency.time_fn`). The convs of one coupled (residual-summed) group take one lowering, the
+    fastest for their summed time. The whole compact model with these choices is then timed
+    against the filter lowering everywhere (by `timer`, default `measure_latencies`
+    round-robin), and kept only if faster: the per-layer timings do not see the gathers a
+    permuted residual add needs, fusion across layers, or (at small batches) the per-call
+    overhead that dominates one layer alone.
+
+    Returns a JSON-able record: ``choices`` {layer name: lowering} (pass it as `compact`'s
+    ``layer_lowerings`` to rebuild the same model without measuring), ``layers`` {name: {"ms":
+    {lowering: ms}, "choice": ...}}, ``model_ms`` {"per_layer": ms, "filters": ms}, ``kept``
+    ("per_layer" or "filters"), ``batch``, ``backend``.
+    """
+    prep = _prepare(apply_fn, variables, graph, masks, sample_input, align=align,
+                    lowering="auto", layer_lowerings=layer_lowerings)  # fmt: skip
+    opts = dict(crop=crop, align=align, group_min_width=group_min_width,
+                group_min_filters=group_min_filters, group_coupled=group_coupled)  # fmt: skip
+    rec = _choose(apply_fn, variables, masks, prep, batch, timer, opts,
+                  _layer_indices(graph, layer_lowerings))  # fmt: skip
+    rec.pop("_by_index")
+    return rec
+
+
+def _choose(apply_fn, variables, masks, prep, batch, timer, opts, fixed) -> dict:
+    """`choose_lowerings` on a prepared model; adds ``_by_index`` {layer index: lowering}."""
+    graph, layer_timer = prep.graph, timer or latency_lib.time_fn
+    batch = int(batch or prep.xs.shape[0])
+    if batch != prep.xs.shape[0]:  # the jaxpr (and its parameter-only equations) at that batch
+        xb = jax.ShapeDtypeStruct((batch, *prep.xs.shape[1:]), prep.xs.dtype)
+        prep = _prepare(apply_fn, variables, graph, masks, xb, align=opts["align"],
+                        lowering="auto", layer_lowerings=None)  # fmt: skip
+    recs = {low: _record(prep, prep.xs, low, fixed, **opts) for low in LOWERINGS}
+    options: dict[int, list[str]] = {}
+    for low, it in recs.items():  # the lowerings each layer really takes (others fall back)
+        for li, eids in it.sites.items():
+            if li not in fixed and _KIND_LOWERING[it.plan[eids[0]]["kind"]] == low:
+                options.setdefault(li, []).append(low)
+    ms: dict[int, dict[str, float]] = {}
+    for li, lows in options.items():
+        if len(lows) > 1:
+            name = graph.layers[li].name
+            ms[li] = {low: float(sum(layer_timer(_site_op(recs[low], e, batch),
+                                           {"layer": name, "lowering": low})
+                                     for e in recs[low].sites[li])) for low in lows}  # fmt: skip
+    choice = {li: min(t, key=t.get) for li, t in ms.items()}
+    for grp in graph.coupled_groups:  # one lowering per coupled group: the fastest summed
+        members = [li for li in grp if li in ms]
+        common = set.intersection(*(set(ms[li]) for li in members)) if members else set()
+        if len(members) > 1 and common:
+            best = min(sorted(common), key=lambda low: sum(ms[li][low] for li in members))
+            choice.update({li: best for li in members})
+    model_ms = _time_models(apply_fn, prep, {"per_layer": {**choice, **fixed}, "filters": fixed},
+                            opts, timer)  # fmt: skip
+    kept = "per_layer" if model_ms["per_layer"] < model_ms["filters"] else "filters"
+    final = choice if kept == "per_layer" else {li: "filters" for li in choice}
+    return {
+        "choices": {graph.layers[li].name: low for li, low in sorted(final.items())},
+        "layers": {graph.layers[li].name: {"ms": t, "choice": final[li]} for li, t in ms.items()},
+        "model_ms": model_ms, "kept": kept, "batch": batch,
+        "backend": latency_lib.backend_name(), "_by_index": final,
+    }  # fmt: skip
+
+
+def _time_models(apply_fn, prep, variants: dict, opts, timer) -> dict[str, float]:
+    """Milliseconds of the whole compact model under each ``{name: layer_lowerings}`` variant:
+    `timer` per variant, or (None) `measure_latencies` round-robin, so drift hits all alike."""
+    x = jax.random.normal(jax.random.key(0), prep.xs.shape, prep.xs.dtype)
+    models = {}
+    for name, chosen in variants.items():
+        it = _record(prep, prep.xs, "filters", chosen, **opts)
+        fn = _make_compact_fn(apply_fn, prep.treedef, prep.abstract, it.plan, prep.out_treedef)
+        models[name] = (fn, it.cvars)
+    if timer is None:
+        r = measure_latencies(models, x, repeats=max(5, min(30, 3000 // max(1, x.shape[0]))))
+        return {name: r[name]["median_ms"] for name in models}
+    return {name: float(timer(lambda m=m: (m[0], (jax.tree.map(jnp.asarray, m[1]), x)),
+                              {"layer": None, "lowering": name}))
+            for name, m in models.items()}  # fmt: skip
+
+
+def _site_op(interp: _Interp, eid: str, batch: int):
+    """``build() -> (jitted fn, args)`` running conv equation `eid` of a recording alone as its
+    plan entry lowers it, on random input of its (compact) input shape at `batch` (host)."""
+    eqn, d = interp.site_eqns[eid], interp.plan[eid]
+
+    def build():
+        shape = list(eqn.invars[0].aval.shape)
+        shape[0], shape[d["in_axis"]] = batch, len(d["in_idx"])
+        x = jax.random.normal(jax.random.key(0), shape, eqn.invars[0].aval.dtype)
+        ks = [jnp.asarray(k) for k in _conv_kernels(interp.cvars, eid, d)]
+        return jax.jit(lambda ks_, x_: _run_conv(eqn, x_, d, ks_)), (ks, x)
+
+    return build
 
 
 def _info(graph, masks, layer_info, cvars, leaves, kernel_masks, filter_alive) -> dict:

@@ -174,6 +174,10 @@ def get_default_config() -> ml_collections.ConfigDict:
     # Output filters of the compacted model stored in multiples of this (`compaction.compact` align);
     # 0 = `compaction.auto_align()` for the backend (16 on CPU, measured; 1 elsewhere).
     c.report.compact_align = 0
+    # How the exported compact model runs its convs (`compaction.compact` lowering): "filters",
+    # "grouped", "taps", or "auto" (each conv on the lowering timed fastest for it here, at the
+    # largest latency batch; kept only if the whole model is faster than "filters").
+    c.report.compact_lowering = "filters"
     c.report.plots = True
     return c
 
@@ -430,5 +434,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(
             f"report.compact_align must be an int >= 0 (0 = auto for the backend, 1 = no padding), "
             f"got {align!r}"
+        )
+    lowering = cfg.report.get("compact_lowering", "filters")
+    if lowering not in ("filters", "grouped", "taps", "auto"):
+        raise ValueError(
+            f"report.compact_lowering must be filters, grouped, taps or auto, got {lowering!r}"
         )
     return cfg

@@ -1009,20 +1009,26 @@ def load_export(path: str, like_variables) -> tuple[Any, Any, dict]:
 
 
 def measure_latency(s: Setup, variables, masks, ss: SearchSetup, compact_dir: str,
-                    batches=(1, 256), align: int = 0) -> dict:  # fmt: skip
+                    batches=(1, 256), align: int = 0, lowering: str = "filters") -> dict:  # fmt: skip
     """Compacts the pruned model (exported to `compact_dir`, loadable without masks; output filters
-    stored in multiples of `align`, 0 = `compaction.auto_align()`) and measures dense / masked /
-    compacted latency on this device; returns flat ``latency_*`` row keys."""
+    stored in multiples of `align`, 0 = `compaction.auto_align()`; convs in `lowering`, "auto"
+    timed at the largest of `batches`) and measures dense / masked / compacted latency on this
+    device; returns flat ``latency_*`` row keys (and ``compact_lowering_layers``: how many convs
+    run in each lowering)."""
     from sculpt_jax import compaction as compact_lib
 
     # The raw model on normalised input: normalisation is not part of the pruned network.
     x = data_lib.normalize(s.splits.test.arrays[0][:1], s.splits.mean, s.splits.std)
     align = align or compact_lib.auto_align()
-    compacted = compact_lib.compact(s.model.apply, variables, ss.graph, masks, x, align=align)
+    compacted = compact_lib.compact(s.model.apply, variables, ss.graph, masks, x, align=align,
+                                    lowering=lowering, auto_batch=max(batches))  # fmt: skip
     compact_lib.save_compact(compact_dir, compacted[1], compacted[2])
     rep = compact_lib.latency_report(s.model.apply, variables, ss.graph, masks, x,
                                      batches=batches, compacted=compacted)  # fmt: skip
+    used = [d["lowering"] for d in compacted[2]["layers"] if "lowering" in d]
     out = {"latency_device_kind": jax.devices()[0].device_kind, "compact_align": align,
+           "compact_lowering": lowering,
+           "compact_lowering_layers": {k: used.count(k) for k in sorted(set(used))},
            "compact_params": int(compacted[2]["params"]),
            "compact_stored_params": int(compacted[2]["stored_params"])}  # fmt: skip
     for b, r in rep["batches"].items():
@@ -1091,7 +1097,8 @@ def run(cfg, *, overwrite: bool = False) -> dict:
         latency.update(measure_latency(s, jax.device_get(fin["variables"]),
                                   jax.device_get(fin["masks"]), searched["search_setup"],
                                   os.path.join(cfg.workdir, "export", "compact"),
-                                  align=cfg.report.get("compact_align", 0)))  # fmt: skip
+                                  align=cfg.report.get("compact_align", 0),
+                                  lowering=cfg.report.get("compact_lowering", "filters")))  # fmt: skip
     wd = paths_lib.resolve(cfg.workdir)
     row = dict(fin["summary"], **latency,
                target_measure=searched["summary"].get("target_measure", "flops"),

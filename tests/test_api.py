@@ -79,6 +79,11 @@ def _assert_pruned_and_compact(result, tuned, masked_logits_fn, x):
     assert info["stored_params"] < info["dense_stored_params"]
     np.testing.assert_allclose(np.asarray(compact_apply(compact_vars, x)),
                                np.asarray(masked_logits_fn(x)), atol=2e-4)  # fmt: skip
+    # each conv on its measured-fastest lowering: still the masked model
+    compact_apply, compact_vars, info = sculpt_jax.compact(tuned, lowering="auto", auto_batch=4)
+    assert info["auto_lowering"]["batch"] == 4
+    np.testing.assert_allclose(np.asarray(compact_apply(compact_vars, x)),
+                               np.asarray(masked_logits_fn(x)), atol=2e-4)  # fmt: skip
 
 
 def test_readme_python_api_example_on_a_user_linen_cnn(digits, tmp_path, monkeypatch):

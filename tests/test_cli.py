@@ -51,6 +51,8 @@ def test_info_json_reports_exact_counts(capsys):
         (["pretrain", "--model", "vit_b16", "--workdir", "{tmp}"], "cannot take digits inputs"),
         (["run", "--workdir", "{tmp}", "--config.report.compact_align=-1"],
          "report.compact_align must be an int >= 0"),
+        (["run", "--workdir", "{tmp}", "--config.report.compact_lowering=fastest"],
+         "report.compact_lowering must be filters, grouped, taps or auto"),
         (["prune", "--target-flops", "0.999", "--model", "resnet8_tiny", "--workdir", "{tmp}"],
          "is not reachable"),
         (["prune", "--tolerance", "0", "--workdir", "{tmp}"], "search.tolerance must be in (0, 1)"),
@@ -132,7 +134,7 @@ def test_a_shortcut_and_a_config_field_that_disagree_are_rejected(tmp_path, caps
 
 def test_main_job_smoke_end_to_end(tmp_path, capsys):
     wd = str(tmp_path / "My Drive" / "run 1")  # a mounted-Drive style path: spaces kept
-    assert cli.main(["run", "--workdir", wd, *SMOKE]) == 0
+    assert cli.main(["run", "--workdir", wd, *SMOKE, "--config.report.compact_lowering=auto"]) == 0
     table = capsys.readouterr().out
     assert "| resnet8_tiny | digits | ppo |" in table
     for f in ("report.md", "results.csv", "results.json", "accuracy_vs_flops.png"):
@@ -154,6 +156,12 @@ def test_main_job_smoke_end_to_end(tmp_path, capsys):
     assert os.path.exists(os.path.join(wd, "report", "training_curves.png"))
     assert row["compact_align"] == C.auto_align() and row["compact_align"] >= 1
     assert row["compact_stored_params"] >= row["compact_params"]
+    # the export's convs each run on the lowering timed fastest for them (at the batch-256 row)
+    assert row["compact_lowering"] == "auto"
+    exported = json.load(open(os.path.join(wd, "export", "compact", "compact.json")))
+    auto = exported["auto_lowering"]
+    assert auto["batch"] == 256 and auto["kept"] in ("per_layer", "filters")
+    assert sum(row["compact_lowering_layers"].values()) == 7  # resnet8_tiny's convs
     assert 0 < row["pretrain_epoch_seconds"] and 0 < row["finetune_epoch_seconds"]
     ids = json.load(open(os.path.join(wd, "export", "pattern_ids.json")))
     assert set(ids["head"]) == {5}, "the classifier head must never be pruned (it deletes classes)"

@@ -154,3 +154,95 @@ def test_taps_lowering_one_matmul_per_tap_and_export(tmp_path):
     runs = [C._runs(foot[order][:, r, c]) for r in range(3) for c in range(3)]
     assert all(len(r) == 1 for r in runs)
     assert order in ([0, 2, 4, 3, 1], [1, 3, 4, 2, 0])  # right col, right two, full, ... bottom row
+
+
+def _fake_timer(per_layer, model=(1.0, 2.0), seen=None):
+    """A deterministic `latency.Timer`: ``per_layer(name, lowering) -> ms`` for one conv alone,
+    `model` = (ms with the per-layer choices, ms on the filter lowering) for whole models."""
+
+    def timer(build, info):
+        if seen is not None:
+            seen.append((info, build()[1]))
+        if info["layer"] is None:
+            return model[0] if info["lowering"] == "per_layer" else model[1]
+        return per_layer(info["layer"], info["lowering"])
+
+    return timer
+
+
+def test_auto_lowering_takes_each_convs_fastest_and_equals_masked(tmp_path):
+    """lowering="auto": every conv on the lowering its timing says is fastest, one lowering per
+    coupled (residual) group, the outputs those of the masked model at any batch and after export;
+    the per-layer ops are timed at auto_batch."""
+    model, v, x, graph, fwd = setup("resnet8_tiny")
+    masks = random_pattern_masks(graph, v, seed=7, low=0)
+    coupled = [grp for grp in graph.coupled_groups if len(grp) > 1]
+    assert coupled
+    first = {graph.layers[grp[0]].name for grp in coupled}
+    # coupled-group leaders prefer taps alone, their partners grouped by more: the group sum wins
+    cost = {"filters": 5.0, "grouped": 1.0, "taps": 2.0}
+    lead = {"filters": 5.0, "grouped": 2.5, "taps": 2.0}
+    seen = []
+    timer = _fake_timer(lambda n, low: (lead if n in first else cost)[low], seen=seen)
+    fn, cv, info = C.compact(model.apply, v, graph, masks, x, lowering="auto", auto_batch=3,
+                             timer=timer)  # fmt: skip
+    low = {d["index"]: d.get("lowering") for d in info["layers"]}
+    convs = [li for li, lw in low.items() if lw is not None]
+    assert convs and all(low[li] == "grouped" for li in convs)
+    for grp in coupled:
+        assert len({low[li] for li in grp}) == 1
+    assert info["auto_lowering"]["kept"] == "per_layer" and info["auto_lowering"]["batch"] == 3
+    assert all(args[1].shape[0] == 3 for i, args in seen if i["layer"] is not None)
+    assert set(info["auto_lowering"]["choices"].values()) == {"grouped"}
+    for b in (1, 4):
+        xb = jax.random.normal(jax.random.key(b), (b, *x.shape[1:]))
+        ref = fwd(masking.apply_masks(v, masks), xb)
+        np.testing.assert_allclose(np.asarray(fn(cv, xb)), np.asarray(ref), atol=1e-4, rtol=0)
+    C.save_compact(tmp_path / "a", cv, info)
+    fn2, cv2, info2 = C.load_compact(tmp_path / "a", model.apply)
+    assert info2["lowering"] == "auto"
+    np.testing.assert_allclose(np.asarray(fn2(cv2, x)), np.asarray(fwd(masking.apply_masks(
+        v, masks), x)), atol=1e-4, rtol=0)  # fmt: skip
+
+
+def test_auto_lowering_falls_back_when_the_whole_model_is_not_faster():
+    model, v, x, graph, fwd = setup("vgg_tiny")
+    masks = random_pattern_masks(graph, v, seed=8, low=1)
+    timer = _fake_timer(lambda n, low: {"filters": 3.0, "grouped": 1.0, "taps": 2.0}[low],
+                        model=(2.0, 1.5))  # fmt: skip
+    fn, cv, info = C.compact(model.apply, v, graph, masks, x, lowering="auto", timer=timer)
+    rec = info["auto_lowering"]
+    assert rec["kept"] == "filters" and rec["model_ms"] == {"per_layer": 2.0, "filters": 1.5}
+    assert all(d.get("lowering") in (None, "filters") for d in info["layers"])
+    assert all(t["ms"]["grouped"] == 1.0 and t["choice"] == "filters" for t in rec["layers"].values())
+    ref = fwd(masking.apply_masks(v, masks), x)
+    np.testing.assert_allclose(np.asarray(fn(cv, x)), np.asarray(ref), atol=1e-4, rtol=0)
+
+
+def test_layer_lowerings_override_and_bad_names():
+    """layer_lowerings pins single convs (over any rule and over "auto"'s measurement); the
+    measured choices passed back rebuild the same model; a bad name or lowering fails first."""
+    model, v, x, graph, fwd = setup("vgg_tiny")
+    masks = random_pattern_masks(graph, v, seed=9, low=1)
+    convs = [la.name for la in graph.layers if la.kind == "conv"]
+    pin = {convs[0]: "taps", convs[1]: "grouped"}
+    fn, cv, info = C.compact(model.apply, v, graph, masks, x, layer_lowerings=pin)
+    low = {d["name"]: d.get("lowering") for d in info["layers"]}
+    assert low[convs[0]] == "taps" and low[convs[1]] == "grouped"
+    assert all(low[n] == "filters" for n in convs[2:])
+    ref = fwd(masking.apply_masks(v, masks), x)
+    np.testing.assert_allclose(np.asarray(fn(cv, x)), np.asarray(ref), atol=1e-4, rtol=0)
+    timer = _fake_timer(lambda n, low: {"filters": 1.0, "grouped": 3.0, "taps": 2.0}[low])
+    _, _, info = C.compact(model.apply, v, graph, masks, x, lowering="auto", timer=timer,
+                           layer_lowerings=pin)  # fmt: skip
+    low = {d["name"]: d.get("lowering") for d in info["layers"]}
+    assert low[convs[0]] == "taps" and low[convs[1]] == "grouped"
+    assert convs[0] not in info["auto_lowering"]["layers"]
+    rec = C.choose_lowerings(model.apply, v, graph, masks, x, batch=2)  # real timings
+    _, _, again = C.compact(model.apply, v, graph, masks, x, layer_lowerings=rec["choices"])
+    got = {d["name"]: d.get("lowering") for d in again["layers"] if d["name"] in rec["choices"]}
+    assert got == rec["choices"] and rec["kept"] in ("per_layer", "filters")
+    with pytest.raises(C.CompactError, match="not a layer of this model"):
+        C.compact(model.apply, v, graph, masks, x, layer_lowerings={"conv_typo": "taps"})
+    with pytest.raises(C.CompactError, match="must be one of"):
+        C.compact(model.apply, v, graph, masks, x, layer_lowerings={convs[0]: "fast"})
