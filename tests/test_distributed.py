@@ -40,17 +40,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cmd(workdir: str, *more: str, stage: str = "run") -> list[str]:
-    return [sys.executable, "-m", "sculpt_jax", stage, "--workdir", workdir, *SMOKE, *more]
+def _cmd(workdir: str, *more: str, stage: str = "run", entry=("-m", "sculpt_jax")) -> list[str]:
+    return [sys.executable, *entry, stage, "--workdir", workdir, *SMOKE, *more]
 
 
-def _run_two(workdir: str, *more: str, stage: str = "run") -> list[subprocess.CompletedProcess]:
+def _run_two(workdir: str, *more: str, stage: str = "run",
+             entry=("-m", "sculpt_jax")) -> list[subprocess.CompletedProcess]:  # fmt: skip
     port = _free_port()
     procs = []
     for i in range(2):
         env = _env(SCULPT_NUM_PROCESSES="2", SCULPT_PROCESS_ID=str(i),
                    SCULPT_COORDINATOR=f"localhost:{port}")  # fmt: skip
-        procs.append(subprocess.Popen(_cmd(workdir, *more, stage=stage), env=env, cwd=ROOT,
+        procs.append(subprocess.Popen(_cmd(workdir, *more, stage=stage, entry=entry), env=env,
+                                      cwd=ROOT,
                                       text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
     out = []
@@ -126,6 +128,51 @@ def test_two_processes_resume_a_run_cut_after_pretraining(runs):
         assert cut[k] == pytest.approx(full[k], abs=1e-6), k
     lines = open(tmp / "cut" / "pretrain" / "metrics.jsonl").read().splitlines()
     assert len(lines) == 2, lines  # the pretrain epoch was not run again
+
+
+# `python -m sculpt_jax`, except that every process dies (os._exit, no cleanup, as under SIGKILL)
+# right after the pretrain checkpoint of optimizer step KILL_AT_STEP is written.
+_KILLED_MID_STAGE = """
+import os, runpy, sys
+from sculpt_jax import checkpoint
+_save = checkpoint.Checkpointer.save
+def save(self, step, *args, **kwargs):
+    _save(self, step, *args, **kwargs)
+    if int(step) == int(os.environ["KILL_AT_STEP"]) and "pretrain" in self.directory:
+        os._exit(137)
+checkpoint.Checkpointer.save = save
+sys.argv[0] = "sculpt_jax"
+runpy.run_module("sculpt_jax", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_killed_inside_a_stage_resume_mid_epoch(runs, monkeypatch):
+    # Both processes are killed inside pretraining, right after the collective checkpoint of step 3
+    # of the epoch's 8 (`checkpoint_every_steps=3`). The same command again resumes there (batch 3
+    # of epoch 0, restored by both processes) and ends with the uninterrupted run's masks and metrics.
+    tmp = runs["tmp"]
+    wd = str(tmp / "killed")
+    script = tmp / "killed_mid_stage.py"
+    script.write_text(_KILLED_MID_STAGE)
+    monkeypatch.setenv("KILL_AT_STEP", "3")
+    every = "--config.checkpoint_every_steps=3"
+    for p in _run_two(wd, every, entry=(str(script),)):
+        assert p.returncode == 137, f"{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    c = ckpt.Checkpointer(os.path.join(wd, "pretrain", "checkpoints"))
+    assert c.all_steps() == [3] and c.read_meta(3)["batch_in_epoch"] == 3
+    c.close()
+    assert not os.path.exists(os.path.join(wd, "pretrain", "result.json"))
+    again = _run_two(wd, every)
+    for p in again:
+        assert p.returncode == 0, f"{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    assert "fit: resumed" in again[0].stderr and "batch 3" in again[0].stderr
+    full, killed = _row(str(tmp / "two")), _row(wd)
+    ids = [json.load(open(tmp / n / "export" / "pattern_ids.json")) for n in ("two", "killed")]
+    assert ids[0] == ids[1]
+    for k in ("dense_val_accuracy", "val_accuracy", "test_accuracy", "flops_reduction",
+              "search_val_accuracy_before_finetune"):
+        assert killed[k] == pytest.approx(full[k], abs=1e-6), k
 
 
 AC = ["--config.search.method=autocompress", "--config.autocompress.rounds=1",
