@@ -74,8 +74,8 @@ zeros of patterns that could not be cropped; BN statistics are folded in); under
 lowering a reference6 model stores no kernel zeros at all (per-layer ``groups`` lists the group
 kernels' shapes).
 
-Host-only: `compact`, `choose_lowerings`, `auto_align`, `save_compact`, `load_compact`, `measure_latency`,
-`measure_latencies`, `latency_report`. The returned ``compact_apply_fn`` is jittable. Sections:
+Host-only: `compact`, `choose_lowerings`, `auto_align`, `save_compact`, `load_compact`,
+`measure_latency`, `measure_latencies`, `latency_report`. The returned ``compact_apply_fn`` is jittable. Sections:
 AutoSculpt (arXiv 2412.18091) Sec. 4 (acceleration of pattern-pruned models by compaction);
 latency measurement and `align` are ours.
 """
@@ -1333,7 +1333,7 @@ def _choose(apply_fn, variables, masks, prep, batch, timer, opts, fixed) -> dict
     for li, lows in options.items():
         if len(lows) > 1:
             name = graph.layers[li].name
-            ms[li] = {low: float(sum(layer_timer(_site_op(recs[low], e, batch),
+            ms[li] = {low: float(sum(layer_timer(_site_op(recs[low], e),
                                            {"layer": name, "lowering": low})
                                      for e in recs[low].sites[li])) for low in lows}  # fmt: skip
     choice = {li: min(t, key=t.get) for li, t in ms.items()}
@@ -1372,14 +1372,14 @@ def _time_models(apply_fn, prep, variants: dict, opts, timer) -> dict[str, float
             for name, m in models.items()}  # fmt: skip
 
 
-def _site_op(interp: _Interp, eid: str, batch: int):
+def _site_op(interp: _Interp, eid: str):
     """``build() -> (jitted fn, args)`` running conv equation `eid` of a recording alone as its
-    plan entry lowers it, on random input of its (compact) input shape at `batch` (host)."""
+    plan entry lowers it, on random input of its compact input shape (the recording's batch)."""
     eqn, d = interp.site_eqns[eid], interp.plan[eid]
 
     def build():
         shape = list(eqn.invars[0].aval.shape)
-        shape[0], shape[d["in_axis"]] = batch, len(d["in_idx"])
+        shape[d["in_axis"]] = len(d["in_idx"])
         x = jax.random.normal(jax.random.key(0), shape, eqn.invars[0].aval.dtype)
         ks = [jnp.asarray(k) for k in _conv_kernels(interp.cvars, eid, d)]
         return jax.jit(lambda ks_, x_: _run_conv(eqn, x_, d, ks_)), (ks, x)
