@@ -11,7 +11,7 @@
 # Environment: WHEELS=DIR installs the wheels in DIR first (packages an accelerator image lacks:
 # jraph, rlax, distrax, tfds, grain, ...; see benchmarks/README.md), CIFAR=PATH the CIFAR-10 JPEG
 # tarball (default ../shared/data/cifar10-jpeg.tar.gz), QTIME / ATIME / LTIME the seconds each
-# phase may run (a phase cut short keeps what it measured: the scripts write JSON as they go),
+# phase may run (TTIME: the latency-table check; a phase cut short keeps what it measured: the scripts write JSON as they go),
 # EPOCHS the pretraining epochs (40: >= 85% validation is the goal's dense model).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +51,10 @@ accelerator() {
     --models resnet56 vgg19 resnet50 --batches 1 256 --repeats 10 \
     --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log"
   echo "latency rc=${PIPESTATUS[0]}"; date
+  timeout "${TTIME:-150}" $PY benchmarks/latency.py --parts table --models vgg19 --batches 256 \
+    --table-lowerings filters taps --taps-min-width 0 --repeats 5 \
+    --json "$OUT/latency_table.json" 2>&1 | tee "$OUT/latency_table.log"
+  echo "latency table rc=${PIPESTATUS[0]}"; date
 }
 
 case "${1:-}" in

@@ -30,8 +30,14 @@ grouped_ms, taps_ms, auto_ms, auto_kept, auto_layers, max_abs_err, flops_ratio, 
 ((dense_ms - grouped_ms) / dense_ms) / (1 - flops_ratio), share_auto likewise). A grouped-layer table times
 one conv under the three lowerings (`bench_grouped_layer`).
 
+A table part (`bench_table`, ``--parts table``) checks the latency constraint's model: per table
+lowering (``--table-lowerings filters taps``; the grouped ones on convs of at least
+``--taps-min-width`` filters), the per-layer table is measured at the first ``--batches`` value,
+random proposals are decoded at each ``--table-targets`` latency reduction, and each decoded model
+is compacted as its table models it and timed: predicted vs measured reduction per candidate.
+
     python benchmarks/latency.py [--models resnet56 mobilenet_v2] [--batches 1 256] [--align 1 16]
-        [--parts patterns grouped_layer structured widths cropping] [--json PATH]
+        [--parts patterns grouped_layer structured widths cropping table] [--json PATH]
 """
 
 from __future__ import annotations
@@ -374,7 +380,75 @@ def bench_cropping(batch, repeats):
     return {"full": full, "crop": crop, "split": sp}
 
 
-PARTS = ("patterns", "grouped_layer", "structured", "widths", "cropping")
+def bench_table(name, batch, lowerings, min_width, targets, n_random, repeats):
+    """Predicted vs measured latency of the latency-constrained decoder's choices, per table
+    lowering: the table is measured here (`latency.measure_table`, real timer), random mixture
+    proposals (and the uniform one) are decoded at each target latency reduction, each decoded
+    model is compacted as its table models it (`LatencyTable.layer_lowerings`, align 1) and all
+    of them are timed round-robin with the dense model. One row per lowering: per candidate the
+    predicted and measured reduction, their mean absolute error and the rank correlation of
+    predicted and measured ms."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sculpt_jax import compaction, decode, latency, masking
+    from sculpt_jax import graph as graph_lib
+    from sculpt_jax import patterns as pat
+
+    model, v, x1, graph = _traced(name)
+    lib = pat.get_library("reference6")
+    spec = graph_lib.build_graph_spec(graph, n_patterns=lib.n_patterns,
+                                      valid=graph_lib.default_valid(graph, lib.n_patterns, lib))  # fmt: skip
+    order = graph_lib.importance_order(spec, v)
+    timer = lambda build, info: latency.time_fn(build, info, repeats=repeats)  # noqa: E731
+    x = jax.random.normal(jax.random.key(0), (batch, *x1.shape[1:]), jnp.float32)
+    rows = []
+    for low in lowerings:
+        t0 = time.perf_counter()
+        table = latency.measure_table(graph, model.apply, v, x1, batch=batch, timer=timer,
+                                      lowering=low, min_width=min_width)  # fmt: skip
+        secs = time.perf_counter() - t0
+        named, cands = {"dense": (lambda v_, x_: model.apply(v_, x_, train=False), v)}, []
+        for target in targets:
+            d = decode.make_decoder(spec, order, lib, target=target, kind="latency",
+                                    latency_table=table)  # fmt: skip
+            props = jax.random.normal(jax.random.key(1), (n_random + 1, *d.action_mask.shape))
+            ids, info = jax.jit(jax.vmap(d.decode))(props.at[0].set(0.0))
+            for k in range(n_random + 1):
+                per_layer = graph_lib.layer_pattern_ids(spec, ids[k])
+                masks = masking.pattern_ids_to_masks(graph, v["params"], per_layer, lib)
+                fn, cv, _ = compaction.compact(model.apply, v, graph, masks, x1, align=1,
+                                               layer_lowerings=table.layer_lowerings(graph))  # fmt: skip
+                key = f"t{target}_{'uniform' if k == 0 else f'r{k}'}"
+                named[key] = (fn, cv)
+                cands.append((key, target, float(info["latency_ms"][k]),
+                              float(info["flops_reduction"][k])))  # fmt: skip
+        r = compaction.measure_latencies(named, x, repeats=repeats)
+        dense = r["dense"]["median_ms"]
+        per = [{"candidate": k, "target": tg, "predicted_ms": p, "measured_ms": r[k]["median_ms"],
+                "predicted_reduction": 1 - p / table.dense_ms,
+                "measured_reduction": 1 - r[k]["median_ms"] / dense, "flops_reduction": fr}
+               for k, tg, p, fr in cands]  # fmt: skip
+        err = float(np.mean([abs(c["predicted_reduction"] - c["measured_reduction"]) for c in per]))
+        rank = np.corrcoef(*(np.argsort(np.argsort([c[f] for c in per]))
+                             for f in ("predicted_ms", "measured_ms")))[0, 1]  # fmt: skip
+        rows.append({"model": name, "batch": batch, "lowering": low, "min_width": min_width,
+                     "lowered_layers": len(table.layer_lowerings(graph)), "table_seconds": secs,
+                     "table_dense_ms": table.dense_ms, "measured_dense_ms": dense,
+                     "mean_abs_error": err, "spearman": float(rank), "candidates": per})  # fmt: skip
+        print(f"\n## {name} batch {batch}, table lowering {low} (min width {min_width}, "
+              f"{rows[-1]['lowered_layers']} convs lowered; table measured in {secs:.0f} s): "
+              f"dense {dense:.2f} ms (table {table.dense_ms:.2f})")  # fmt: skip
+        print("candidate          pred. red.  meas. red.  FLOPs red.")
+        for c in per:
+            print(f"{c['candidate']:<18s} {c['predicted_reduction']:10.3f} "
+                  f"{c['measured_reduction']:11.3f} {c['flops_reduction']:11.3f}")  # fmt: skip
+        print(f"mean |predicted - measured| reduction {err:.3f}; Spearman (ms) {rank:.2f}")
+    return rows
+
+
+PARTS = ("patterns", "grouped_layer", "structured", "widths", "cropping", "table")
 
 
 def main(argv=None) -> None:
@@ -392,6 +466,12 @@ def main(argv=None) -> None:
                    help="compact(lowering='grouped', group_min_width=N) variants to time")
     p.add_argument("--taps-min-width", type=int, default=128,
                    help="the taps_w<N> variant: compact(lowering='taps', group_min_width=N)")
+    p.add_argument("--table-lowerings", nargs="+", default=["filters", "taps"],
+                   choices=["filters", "grouped", "taps"], help="the table part's lowerings")
+    p.add_argument("--table-targets", nargs="+", type=float, default=[0.2, 0.4],
+                   help="the table part's target latency reductions")
+    p.add_argument("--table-random", type=int, default=3,
+                   help="random proposals per target in the table part (plus the uniform one)")
     args = p.parse_args(argv)
     header("latency: dense vs masked vs compacted")
     out = {}
@@ -408,6 +488,10 @@ def main(argv=None) -> None:
         out["widths"] = bench_widths(max(5, args.repeats // 2))
     if "cropping" in args.parts:
         out["cropping"] = bench_cropping(max(args.batches), max(3, args.repeats // 4))
+    if "table" in args.parts:
+        out["table"] = [row for name in args.models for row in bench_table(
+            name, args.batches[0], args.table_lowerings, args.taps_min_width,
+            args.table_targets, args.table_random, args.repeats)]  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -73,13 +73,18 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.search.method = "ppo"
     c.search.library = "reference6"  # pattern library (sculpt_jax.patterns)
     # flops | params | latency: what the target reduction counts. latency: the latency a per-layer
-    # table measured on this backend predicts for the compacted model (sculpt_jax.latency; filters
-    # lowering, measured once and cached in <workdir>/search/latency_table.json)
+    # table measured on this backend predicts for the compacted model (sculpt_jax.latency; measured
+    # once and cached in <workdir>/search/latency_table.json)
     c.search.constraint = "flops"
     c.search.target_flops = 0.5  # target FLOPs reduction in (0, 1) (constraint "flops")
     c.search.target_params = 0.5  # target parameter reduction in (0, 1) (constraint "params")
     c.search.target_latency = 0.3  # target predicted-latency reduction in (0, 1) ("latency")
     c.search.latency_batch = 1  # batch size the latency table is measured (and the model timed) at
+    # The compaction lowering the latency table models: filters | grouped | taps (pattern-grouped
+    # execution: the 3x3 convs of at least latency_min_width filters run as one dense op per
+    # footprint group / kernel tap, sculpt_jax.compaction); the chosen model is compacted so.
+    c.search.latency_lowering = "filters"
+    c.search.latency_min_width = 0
     c.search.flops_kind = "true"  # true (exact masked FLOPs) | reference (the reference's formula)
     # Budget-exact decoding (sculpt_jax.decode): every proposal is decoded to within this much of
     # the target (0.005 = 0.5 percentage points). The legacy heads use the reference's band instead.
@@ -340,6 +345,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(f"search.target_latency must be in (0, 1), got {s.target_latency}")
     if s.get("latency_batch", 1) < 1:
         raise ValueError(f"search.latency_batch must be >= 1, got {s.latency_batch}")
+    if s.get("latency_min_width", 0) < 0:
+        raise ValueError(f"search.latency_min_width must be >= 0, got {s.latency_min_width}")
     if s.get("constraint", "flops") == "latency" and (
         s.method == "autocompress" or (s.method == "ppo" and s.head != "mixture")
     ):
@@ -359,6 +366,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                                      "autocompress")),
         "search.head": (s.head, ("mixture", "paper", "per_group", "per_filter")),
         "search.constraint": (s.get("constraint", "flops"), ("flops", "params", "latency")),
+        "search.latency_lowering": (s.get("latency_lowering", "filters"),
+                                    ("filters", "grouped", "taps")),
         "search.flops_kind": (s.flops_kind, ("true", "reference")),
         "search.reward": (s.reward, ("paper", "gated")),
         "search.level": (s.level, ("filter", "layer")),

@@ -161,7 +161,9 @@ def make_decoder(
       tolerance: accepted |reduction - target| (> 0; 0.005 = half a percentage point).
       kind: "flops" (exact true FLOPs), "reference" (the reference code's formula, labelled),
         "params" (exact parameter count) or "latency" (the latency `latency_table` predicts for
-        the "filters" lowering: monotone in the shift, as its tables are non-decreasing).
+        its lowering: monotone in the shift for the "filters" lowering, as its tables are
+        non-decreasing; nearly so for "grouped" / "taps", where a filter joining an empty
+        footprint group starts an op: the bisection keeps its bracket, on_budget says the rest).
       iterations: bisection steps on the shift (48 resolve float32).
       params_shapes: the params' shapes (only for region libraries, whose counts need masks).
       latency_table: a `latency.LatencyTable` of this model (needed by kind "latency"; with any

@@ -19,10 +19,32 @@ model measured whole minus the sum of the dense per-layer entries, a constant (r
 negative where the per-layer timings overcount a fused model), so T(dense) equals the measured
 dense latency.
 
-The model assumes the "filters" lowering of `compaction.compact` with ``align=1`` (the decoder
-needs a prediction that moves with every filter; an aligned compact model runs its outputs rounded
-up to the alignment, so its measured latency can sit above the prediction: the pipeline reports
-both). Depthwise convs run one channel per group, so their table is indexed by the smaller width.
+The default table models the "filters" lowering of `compaction.compact` with ``align=1`` (the
+decoder needs a prediction that moves with every filter; an aligned compact model runs its outputs
+rounded up to the alignment, so its measured latency can sit above the prediction: the pipeline
+reports both). Depthwise convs run one channel per group, so their table is indexed by the smaller
+width.
+
+Pattern-grouped lowerings (``lowering="grouped"`` or ``"taps"``, `compaction.compact`): a conv
+that takes the lowering (`unit_lowering_ok`: a 3x3, ungrouped, undilated conv of a per-filter
+library with at least ``min_width`` filters; every other layer keeps the filter table) runs as a
+few dense ops, its *units*, each on the filters of some patterns:
+
+    T_l = sum_u T_lu(c_in_l, n_lu),   n_lu = sum_p U_up count_lp,
+
+where ``count_lp`` is how many of layer l's filters carry pattern p and ``U [n_units, P]`` is 0/1:
+under "taps" one unit per kernel tap (the strided window of the padded input times the ``[c_in,
+n]`` weights of the filters keeping that tap, ``U_tp`` = pattern p keeps tap t); under "grouped"
+one unit per distinct non-empty footprint (a conv with the kernel cropped to the footprint's
+bounding box and the padding shifted, ``U_gp`` = pattern p has footprint g). Each ``T_lu`` is
+timed alone on the (c_in, n) grid, with n = 1 added to it (an op's launch cost is what a
+one-filter group pays) and ``T_lu(., 0) = 0`` (an empty group runs nothing). Such a prediction is
+not monotone in the decoder's shift (a filter moving to a footprint no other filter has starts an
+op), which the decoder tolerates (its bisection keeps a bracket; on-budget is checked per
+decode). ``T_rest`` stays the dense model minus its per-layer FILTER entries at full width, so the
+reduction is against the dense model as it runs unpruned (a tap-lowered model can predict slower
+than dense). The residual gathers of coupled grouped convs (`compaction`'s ``group_coupled``) are
+not modelled: the pipeline reports predicted beside measured latency.
 
 A table is measured once per model and backend: `table_key` names what it depends on (the layer
 shapes, the backend platform and device kind, the JAX version, the batch size, the lowering and
@@ -49,12 +71,13 @@ from sculpt_jax import patterns as pat
 from sculpt_jax.types import Layer, LayerGraph
 
 GRID = (0.25, 0.5, 0.75, 1.0)  # width fractions timed per axis (plus width 0, which costs 0)
-LOWERINGS = ("filters",)  # lowerings a table can model (`compaction.compact`)
-VERSION = 1  # bump when what a table measures changes (old caches are then re-measured)
+LOWERINGS = ("filters", "grouped", "taps")  # lowerings a table can model (`compaction.compact`)
+VERSION = 2  # bump when what a table measures changes (old caches are then re-measured)
 
 # A timer: ``timer(build, info) -> milliseconds`` of ``fn(*args)`` where ``(fn, args) = build()``
 # (built lazily, so a fake timer in a test allocates nothing); info names what is timed:
-# {"layer": name or None (the whole dense model), "c_in": int, "c_out": int}.
+# {"layer": name or None (the whole dense model), "c_in": int, "c_out": int, "unit": None (the
+# layer's filter op) or the unit's op ("tap" or "box:r0:r1:c0:c1", `layer_units`)}.
 Timer = Callable[[Callable, tuple, dict], float]
 
 
@@ -63,8 +86,12 @@ class LatencyTable(NamedTuple):
 
     key: `table_key` (what it was measured for). in_widths / out_widths: per layer, int
     ``[n_in]`` / ``[n_out]`` strictly increasing, starting at 0. ms: per layer float ``[n_in,
-    n_out]`` milliseconds, non-decreasing along both axes. dense_ms: the whole dense model.
-    rest_ms: dense_ms minus the dense per-layer entries (the constant T_rest).
+    n_out]`` milliseconds (a layer on the filter lowering) or ``[n_units, n_in, n_out]`` (a layer
+    on a pattern-grouped lowering: one table per unit), non-decreasing along both width axes.
+    dense_ms: the whole dense model. rest_ms: dense_ms minus the dense per-layer filter entries
+    (the constant T_rest). lowerings: per layer "filters" or the table's grouped lowering (empty
+    = all "filters"). units: per layer None (filters) or float ``[n_units, P]`` 0/1, which
+    patterns' filters each unit runs (`layer_units`).
     """
 
     key: dict
@@ -73,6 +100,14 @@ class LatencyTable(NamedTuple):
     ms: tuple[np.ndarray, ...]
     dense_ms: float
     rest_ms: float
+    lowerings: tuple[str, ...] = ()
+    units: tuple[np.ndarray | None, ...] = ()
+
+    def layer_lowerings(self, graph: LayerGraph) -> dict[str, str]:
+        """``{layer name: lowering}`` of the layers not on the filter lowering: what
+        `compaction.compact(layer_lowerings=...)` takes to build the model this table models."""
+        return {la.name: low for la, low in zip(graph.layers, self.lowerings, strict=True)
+                if low != "filters"}  # fmt: skip
 
 
 def _is_depthwise(layer: Layer) -> bool:
@@ -96,13 +131,19 @@ def backend_name() -> str:
 
 
 def table_key(graph: LayerGraph, *, batch: int, lowering: str = "filters",
-              backend: str | None = None, grid: Sequence[float] = GRID) -> dict:  # fmt: skip
-    """What a table depends on (JSON-able; host). `backend` defaults to `backend_name()`."""
+              backend: str | None = None, grid: Sequence[float] = GRID, min_width: int = 0,
+              library: str | pat.PatternLibrary = "reference6") -> dict:  # fmt: skip
+    """What a table depends on (JSON-able; host). `backend` defaults to `backend_name()`;
+    `min_width` and `library` matter to the grouped lowerings only (which layers take them, and
+    their units)."""
     if lowering not in LOWERINGS:
         raise ValueError(f"latency tables model the lowerings {LOWERINGS}, not {lowering!r}")
+    if min_width < 0:
+        raise ValueError(f"latency table min_width must be >= 0, got {min_width}")
     return {"version": VERSION, "graph": graph_signature(graph),
             "backend": backend or backend_name(), "jax": jax.__version__, "batch": int(batch),
-            "lowering": lowering, "grid": [float(f) for f in grid]}  # fmt: skip
+            "lowering": lowering, "grid": [float(f) for f in grid], "min_width": int(min_width),
+            "library": pat.get_library(library).name}  # fmt: skip
 
 
 def key_digest(key: dict) -> str:
@@ -165,6 +206,74 @@ def time_fn(build: Callable, info: dict | None = None, *, repeats: int = 10,
     return float(statistics.median(ts))
 
 
+def unit_lowering_ok(layer: Layer, library: str | pat.PatternLibrary = "reference6") -> bool:
+    """Whether a table models `layer` under a pattern-grouped lowering (host): an ungrouped,
+    undilated 2-D conv whose kernel every pattern of the per-filter `library` applies to (3x3).
+    The other layers keep the filter table (as `compaction.compact` keeps them on filters)."""
+    lib = pat.get_library(library)
+    return (layer.kind == "conv" and layer.groups == 1 and len(layer.kernel_size) == 2
+            and all(d == 1 for d in layer.dilation) and lib.kind == "filter"
+            and tuple(layer.kernel_size) == lib.kernel_shape
+            and bool(pat.valid_patterns(layer, lib).all()))  # fmt: skip
+
+
+def layer_units(lowering: str, library: str | pat.PatternLibrary = "reference6"
+                ) -> tuple[list[str], np.ndarray]:  # fmt: skip
+    """(unit ops, U float32 ``[n_units, P]``) of a conv under `lowering` (host; module doc):
+    "taps": one unit per kernel tap (row-major), op "tap", ``U_tp`` = pattern p keeps tap t;
+    "grouped": one unit per distinct non-empty footprint, op ``"box:r0:r1:c0:c1"`` (its bounding
+    box, inclusive), ``U_gp`` = pattern p has that footprint."""
+    lib = pat.get_library(library)
+    cells = np.asarray(lib.masks) > 0  # [P, kh, kw]
+    if lowering == "taps":
+        return ["tap"] * cells[0].size, cells.reshape(lib.n_patterns, -1).T.astype(np.float32)
+    if lowering != "grouped":
+        raise ValueError(f"units exist for the lowerings 'grouped' and 'taps', not {lowering!r}")
+    foot: dict[bytes, list[int]] = {}
+    for p in range(lib.n_patterns):
+        if cells[p].any():
+            foot.setdefault(cells[p].tobytes(), []).append(p)
+    ops, rows = [], []
+    for ps in foot.values():
+        r, c = np.nonzero(cells[ps[0]])
+        ops.append(f"box:{r.min()}:{r.max()}:{c.min()}:{c.max()}")
+        rows.append(np.isin(np.arange(lib.n_patterns), ps).astype(np.float32))
+    return ops, np.stack(rows)
+
+
+def unit_op(layer: Layer, op: str, c_in: int, n: int, batch: int) -> tuple[Callable, tuple]:
+    """(jitted fn, args) running one unit of `layer`'s grouped lowering alone (host; feature-last
+    layout, as `compaction`'s lowerings): "tap", the strided window of the padded input times a
+    ``[c_in, n]`` matrix; "box:r0:r1:c0:c1", a conv with that crop of the kernel and the padding
+    shifted by it (negative padding crops the input, as `compaction` does)."""
+    k = jax.random.split(jax.random.key(0), 2)
+    x = jax.random.normal(k[0], (batch, *layer.in_spatial, c_in), jnp.float32)
+    pads = [tuple(p) for p in layer.padding]
+    if op == "tap":
+        w = jax.random.normal(k[1], (c_in, n), jnp.float32)
+        cfg = [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)]
+        limit = [batch, *((o - 1) * s + 1 for o, s in zip(layer.out_spatial, layer.strides,
+                                                          strict=True)), c_in]  # fmt: skip
+
+        def tap(x, w):
+            xp = jax.lax.pad(x, jnp.zeros((), x.dtype), cfg)
+            xs = jax.lax.slice(xp, [0] * x.ndim, limit, [1, *layer.strides, 1])
+            return xs @ w
+
+        return jax.jit(tap), (x, w)
+    r0, r1, c0, c1 = (int(v) for v in op.split(":")[1:])
+    (kh, kw), box = layer.kernel_size, ((r0, r1), (c0, c1))
+    w = jax.random.normal(k[1], (r1 - r0 + 1, c1 - c0 + 1, c_in, n), jnp.float32)
+    padding = [(lo - a, hi - (size - 1 - b)) for (lo, hi), (a, b), size in
+               zip(pads, box, (kh, kw), strict=True)]  # fmt: skip
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, layer.strides, padding,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+
+    return jax.jit(conv), (x, w)
+
+
 def _op_signature(layer: Layer) -> tuple:
     """Layers with equal signatures time the same at equal widths (measured once)."""
     return (
@@ -179,6 +288,51 @@ def _op_signature(layer: Layer) -> tuple:
     )
 
 
+def table_lowerings(graph: LayerGraph, lowering: str = "filters", min_width: int = 0,
+                    library: str | pat.PatternLibrary = "reference6") -> tuple[str, ...]:  # fmt: skip
+    """Per layer, the lowering a table of `lowering` models it in (host): `lowering` for the
+    layers `unit_lowering_ok` with at least `min_width` filters, else "filters"."""
+    return tuple(lowering if lowering != "filters" and layer.out_features >= min_width
+                 and unit_lowering_ok(layer, library) else "filters"
+                 for layer in graph.layers)  # fmt: skip
+
+
+class _Timings:
+    """Memoised table entries of one measurement: equal signatures are timed once (host)."""
+
+    def __init__(self, timer, batch, total, progress):
+        self.timer, self.batch, self.total, self.progress = timer, batch, total, progress
+        self.memo: dict = {}
+        self.done = 0
+
+    def __call__(self, layer: Layer, ci: int, co: int, op: str | None = None) -> float:
+        sig = (_op_signature(layer), op, int(ci), int(co))
+        if sig not in self.memo:
+            if op is None:
+                build = lambda: layer_op(layer, int(ci), int(co), self.batch)  # noqa: E731
+            else:
+                build = lambda: unit_op(layer, op, int(ci), int(co), self.batch)  # noqa: E731
+            self.memo[sig] = float(self.timer(build, {"layer": layer.name, "c_in": int(ci),
+                                                      "c_out": int(co), "unit": op}))  # fmt: skip
+        self.done += 1
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+        return self.memo[sig]
+
+
+def _grid_table(t: _Timings, layer: Layer, win, wout, op: str | None = None) -> np.ndarray:
+    """float ``[n_in, n_out]``: `layer`'s op (or unit `op`) on the width grid, 0 at width 0,
+    made non-decreasing along both axes by a cumulative maximum."""
+    ms = np.zeros((len(win), len(wout)))
+    for i, ci in enumerate(win):
+        for j, co in enumerate(wout):
+            if ci == 0 or co == 0:
+                continue
+            a, b = (min(ci, co),) * 2 if op is None and _is_depthwise(layer) else (ci, co)
+            ms[i, j] = t(layer, a, b, op)
+    return np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)
+
+
 def measure_table(
     graph: LayerGraph,
     apply_fn: Callable,
@@ -190,6 +344,9 @@ def measure_table(
     timer: Timer | None = None,
     backend: str | None = None,
     progress: Callable | None = None,
+    lowering: str = "filters",
+    min_width: int = 0,
+    library: str | pat.PatternLibrary = "reference6",
 ) -> LatencyTable:
     """Times every prunable layer of `graph` on its width grid and the dense model (host-only).
 
@@ -200,48 +357,46 @@ def measure_table(
       timer: a `Timer` (default `time_fn`); tests pass a deterministic one.
       backend: the backend string stored in the key (default `backend_name()`).
       progress: optional ``progress(done, total)`` callback.
+      lowering: the `compaction` lowering modelled (`LOWERINGS`): "grouped" / "taps" time the
+        units of every layer `table_lowerings` puts on it; min_width, library: as there.
     Returns: a `LatencyTable` keyed by `table_key`.
     """
-    timer = timer or time_fn
-    key = table_key(graph, batch=batch, backend=backend, grid=grid)
-    memo: dict = {}
-    plans = []
-    for layer in graph.layers:
+    key = table_key(graph, batch=batch, backend=backend, grid=grid, lowering=lowering,
+                    min_width=min_width, library=library)  # fmt: skip
+    lows = table_lowerings(graph, lowering, min_width, library)
+    plans, unit_of = [], {}
+    for layer, low in zip(graph.layers, lows, strict=True):
         mult = 1 if _is_depthwise(layer) else layer.groups
-        plans.append((grid_widths(layer.in_features, grid, mult),
-                      grid_widths(layer.out_features, grid, mult)))  # fmt: skip
-    total, done = sum((len(a) - 1) * (len(b) - 1) for a, b in plans) + 1, 0
-    tables = []
+        wout = grid_widths(layer.out_features, grid, mult)
+        if low != "filters":
+            unit_of[layer.index] = layer_units(low, library)
+            wout = np.union1d(wout, [1])
+        plans.append((grid_widths(layer.in_features, grid, mult), wout))
+    total = 1 + sum((len(a) - 1) * (len(b) - 1) * len(unit_of.get(i, ([None],))[0])
+                    for i, (a, b) in enumerate(plans))  # fmt: skip
+    t = _Timings(timer or time_fn, batch, total, progress)
+    tables, units, full = [], [], []
     for layer, (win, wout) in zip(graph.layers, plans, strict=True):
-        ms = np.zeros((len(win), len(wout)))
-        for i, ci in enumerate(win):
-            for j, co in enumerate(wout):
-                if ci == 0 or co == 0:
-                    continue
-                if _is_depthwise(layer):
-                    ci = co = min(ci, co)
-                sig = (_op_signature(layer), int(ci), int(co))
-                if sig not in memo:
-                    build = lambda ly=layer, a=int(ci), b=int(co): layer_op(ly, a, b, batch)  # noqa: E731
-                    memo[sig] = float(timer(build, {"layer": layer.name, "c_in": int(ci),
-                                                    "c_out": int(co)}))  # fmt: skip
-                ms[i, j] = memo[sig]
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-        ms = np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)
-        tables.append(ms)
+        if layer.index not in unit_of:
+            tables.append(_grid_table(t, layer, win, wout))
+            units.append(None)
+            full.append(tables[-1][-1, -1])
+            continue
+        ops, u = unit_of[layer.index]
+        tables.append(np.stack([_grid_table(t, layer, win, wout, op) for op in ops]))
+        units.append(u)
+        full.append(t(layer, layer.in_features, layer.out_features))  # the dense filter op
 
     def build_dense():
         x = jnp.zeros((batch, *np.shape(sample_input)[1:]), jnp.asarray(sample_input).dtype)
         return jax.jit(lambda v, x: apply_fn(v, x, train=False)), (variables, x)
 
-    dense_ms = float(timer(build_dense, {"layer": None, "c_in": 0, "c_out": 0}))
+    dense_ms = float(t.timer(build_dense, {"layer": None, "c_in": 0, "c_out": 0, "unit": None}))
     if progress is not None:
         progress(total, total)
-    rest = dense_ms - float(sum(t[-1, -1] for t in tables))
+    rest = dense_ms - float(sum(full))
     return LatencyTable(key, tuple(p[0] for p in plans), tuple(p[1] for p in plans),
-                        tuple(tables), dense_ms, rest)  # fmt: skip
+                        tuple(tables), dense_ms, rest, lows, tuple(units))  # fmt: skip
 
 
 def to_json(table: LatencyTable) -> dict:
@@ -249,20 +404,27 @@ def to_json(table: LatencyTable) -> dict:
     return {"key": table.key, "dense_ms": table.dense_ms, "rest_ms": table.rest_ms,
             "in_widths": [w.tolist() for w in table.in_widths],
             "out_widths": [w.tolist() for w in table.out_widths],
-            "ms": [m.tolist() for m in table.ms]}  # fmt: skip
+            "ms": [m.tolist() for m in table.ms], "lowerings": list(table.lowerings),
+            "units": [None if u is None else u.tolist() for u in table.units]}  # fmt: skip
 
 
 def from_json(d: dict) -> LatencyTable:
     """The `LatencyTable` of a `to_json` dict (ValueError naming the problem on a malformed one)."""
     try:
+        n = len(d["ms"])
         t = LatencyTable(dict(d["key"]), tuple(np.asarray(w, np.int64) for w in d["in_widths"]),
                          tuple(np.asarray(w, np.int64) for w in d["out_widths"]),
                          tuple(np.asarray(m, np.float64) for m in d["ms"]),
-                         float(d["dense_ms"]), float(d["rest_ms"]))  # fmt: skip
+                         float(d["dense_ms"]), float(d["rest_ms"]),
+                         tuple(d.get("lowerings") or ("filters",) * n),
+                         tuple(None if u is None else np.asarray(u, np.float32)
+                               for u in (d.get("units") or (None,) * n)))  # fmt: skip
     except (KeyError, TypeError) as e:
         raise ValueError(f"not a latency table (missing or malformed field {e})") from e
-    for a, b, m in zip(t.in_widths, t.out_widths, t.ms, strict=True):
-        if m.shape != (len(a), len(b)):
+    if not len(t.lowerings) == len(t.units) == n:
+        raise ValueError("malformed latency table: lowerings / units do not list every layer")
+    for a, b, m, u in zip(t.in_widths, t.out_widths, t.ms, t.units, strict=True):
+        if m.shape != ((len(a), len(b)) if u is None else (len(u), len(a), len(b))):
             raise ValueError("malformed latency table: an entry's shape does not match its widths")
     return t
 
@@ -281,11 +443,16 @@ def check_table(table: LatencyTable, key: dict) -> None:
 def cached_or_measure(cached: dict | None, graph: LayerGraph, apply_fn: Callable, variables: Any,
                       sample_input: Any, *, batch: int = 1, grid: Sequence[float] = GRID,
                       timer: Timer | None = None, backend: str | None = None,
-                      progress: Callable | None = None) -> tuple[LatencyTable, bool]:  # fmt: skip
+                      progress: Callable | None = None, lowering: str = "filters",
+                      min_width: int = 0, library: str | pat.PatternLibrary = "reference6",
+                      ) -> tuple[LatencyTable, bool]:  # fmt: skip
     """(table, measured_now): the `to_json` dict `cached` when it was measured for this model,
-    backend, batch and grid (`table_key`), else a fresh `measure_table` (host; the caller reads
-    and writes the cache file). A malformed cache is re-measured too."""
-    key = table_key(graph, batch=batch, backend=backend, grid=grid)
+    backend, batch, grid, lowering, min width and library (`table_key`), else a fresh
+    `measure_table` (host; the caller reads and writes the cache file). A malformed cache is
+    re-measured too."""
+    opts = dict(batch=batch, backend=backend, grid=grid, lowering=lowering, min_width=min_width,
+                library=library)  # fmt: skip
+    key = table_key(graph, **opts)
     if cached is not None:
         try:
             table = from_json(cached)
@@ -293,13 +460,14 @@ def cached_or_measure(cached: dict | None, graph: LayerGraph, apply_fn: Callable
             table = None
         if table is not None and table.key == key and len(table.ms) == graph.n_layers:
             return table, False
-    table = measure_table(graph, apply_fn, variables, sample_input, batch=batch, grid=grid,
-                          timer=timer, backend=backend, progress=progress)  # fmt: skip
+    table = measure_table(graph, apply_fn, variables, sample_input, timer=timer,
+                          progress=progress, **opts)  # fmt: skip
     return table, True
 
 
 def _interp2(win: np.ndarray, wout: np.ndarray, ms: np.ndarray, c_in, c_out):
-    """Bilinear interpolation of ``ms[win, wout]`` at (c_in, c_out) (jittable; clamped)."""
+    """Bilinear interpolation of ``ms[win, wout]`` at (c_in, c_out) (jittable; clamped). With
+    ``ms [U, n_in, n_out]`` and ``c_out [U]``: one interpolation per unit, summed."""
 
     def frac(w, c):
         f = jnp.interp(c, jnp.asarray(w, jnp.float32), jnp.arange(len(w), dtype=jnp.float32))
@@ -309,24 +477,38 @@ def _interp2(win: np.ndarray, wout: np.ndarray, ms: np.ndarray, c_in, c_out):
     i, s = frac(win, c_in)
     j, t = frac(wout, c_out)
     m = jnp.asarray(ms, jnp.float32)
-    return ((1 - s) * (1 - t) * m[i, j] + s * (1 - t) * m[i + 1, j]
-            + (1 - s) * t * m[i, j + 1] + s * t * m[i + 1, j + 1])  # fmt: skip
+    m = m[None] if m.ndim == 2 else m
+    u = jnp.arange(m.shape[0])
+    return jnp.sum((1 - s) * (1 - t) * m[u, i, j] + s * (1 - t) * m[u, i + 1, j]
+                   + (1 - s) * t * m[u, i, j + 1] + s * t * m[u, i + 1, j + 1])  # fmt: skip
 
 
 def make_predictor(graph: LayerGraph, table: LatencyTable,
                    library: str | pat.PatternLibrary = "reference6") -> Callable:  # fmt: skip
     """``predict(layer_ids) -> predicted ms`` (float32 scalar; jittable): T_rest plus every
-    layer's table at its alive widths (`flops.alive_widths_ids`); ``layer_ids`` as `count_ids`."""
+    layer's table at its alive widths (`flops.alive_widths_ids`), or, for a layer on a grouped
+    lowering, every unit's table at (alive inputs, the unit's filter count ``U @ counts``);
+    ``layer_ids`` as `count_ids`."""
     if len(table.ms) != graph.n_layers:
         raise ValueError(f"latency table has {len(table.ms)} layers, the model {graph.n_layers}")
     lib = pat.get_library(library)
+    units = table.units or (None,) * graph.n_layers
+    if any(u is not None for u in units) and table.key.get("library") != lib.name:
+        raise ValueError(f"the latency table's units were measured for the pattern library "
+                         f"{table.key.get('library')!r}, not {lib.name!r}; measure it again")  # fmt: skip
 
     def predict(layer_ids):
         widths = flops_lib.alive_widths_ids(graph, tuple(layer_ids), lib)
         total = jnp.float32(table.rest_ms)
-        for (ci, co), a, b, m in zip(widths, table.in_widths, table.out_widths, table.ms,
-                                     strict=True):  # fmt: skip
-            total = total + _interp2(a, b, m, ci, co)
+        for (ci, co), a, b, m, u, ids in zip(widths, table.in_widths, table.out_widths, table.ms,
+                                             units, layer_ids, strict=True):  # fmt: skip
+            if u is None:
+                total = total + _interp2(a, b, m, ci, co)
+                continue
+            ids = jnp.asarray(ids, jnp.int32).reshape(-1)
+            ids = jnp.where((ids >= 0) & (ids < lib.n_patterns), ids, lib.keep_id)
+            n = jnp.asarray(u) @ jnp.sum(jax.nn.one_hot(ids, lib.n_patterns), axis=0)
+            total = total + _interp2(a, b, m, ci, n)
         return total
 
     return predict

@@ -460,18 +460,21 @@ def latency_table_path(cfg) -> str:
 
 
 def latency_table(cfg, s: Setup, lg, variables):
-    """The model's `latency.LatencyTable` on this backend (filters lowering, batch
-    search.latency_batch): read from `latency_table_path` when its `latency.table_key` matches
-    (model shapes, backend platform and device kind, JAX version, batch, lowering, grid), else
-    measured here (every prunable layer on its width grid, then the dense model) and written there.
-    The dense model timed is the raw network (`s.model.apply`, normalisation excluded), as the
-    compacted model `run` measures against it."""
+    """The model's `latency.LatencyTable` on this backend (lowering search.latency_lowering with
+    search.latency_min_width, batch search.latency_batch): read from `latency_table_path` when its
+    `latency.table_key` matches (model shapes, backend platform and device kind, JAX version,
+    batch, lowering, grid, min width, library), else measured here (every prunable layer, or its
+    grouped units, on its width grid, then the dense model) and written there. The dense model
+    timed is the raw network (`s.model.apply`, normalisation excluded), as the compacted model
+    `run` measures against it."""
     path = latency_table_path(cfg)
     if shd.is_primary():  # in a multi-process job process 0 alone times, the others read its table
         cached = ckpt.load_json(path) if paths_lib.isfile(path) else None
         table, fresh = latency_lib.cached_or_measure(
             cached, lg, s.model.apply, variables, jnp.zeros((1, *s.input_shape), s.input_dtype),
             batch=int(cfg.search.get("latency_batch", 1)), timer=_latency_timer,
+            lowering=cfg.search.get("latency_lowering", "filters"),
+            min_width=int(cfg.search.get("latency_min_width", 0)), library=cfg.search.library,
         )  # fmt: skip
         if fresh:
             log.info("latency table measured on %s: dense %.3f ms, rest %.3f ms -> %s",
@@ -488,16 +491,18 @@ def latency_table(cfg, s: Setup, lg, variables):
 
 def constraint_latency(cfg, s: Setup, variables, masks, ss: SearchSetup, pattern_ids) -> dict:
     """Predicted vs measured latency of the chosen model (constraint "latency"; host): the table's
-    prediction for its pattern ids, and the model compacted as the table models it (filters
-    lowering, align 1) timed by `compaction.measure_latency` at search.latency_batch, beside the
-    dense model timed the same way. Flat ``latency_*`` row keys (ms and reductions)."""
+    prediction for its pattern ids, and the model compacted as the table models it (align 1, each
+    layer on the table's lowering: `LatencyTable.layer_lowerings`) timed by
+    `compaction.measure_latency` at search.latency_batch, beside the dense model timed the same
+    way. Flat ``latency_*`` row keys (ms and reductions)."""
     from sculpt_jax import compaction as compact_lib
 
     table = latency_table(cfg, s, ss.graph, variables)
     pred = ss.decoder.measure(jnp.asarray(pattern_ids, jnp.int32))
     b = int(cfg.search.get("latency_batch", 1))
     x = jax.random.normal(jax.random.key(0), (b, *s.input_shape), jnp.float32)
-    fn, cv, _ = compact_lib.compact(s.model.apply, variables, ss.graph, masks, x[:1], align=1)
+    fn, cv, _ = compact_lib.compact(s.model.apply, variables, ss.graph, masks, x[:1], align=1,
+                                    layer_lowerings=table.layer_lowerings(ss.graph))  # fmt: skip
     r = compact_lib.measure_latencies(
         {"dense": (lambda v, x: s.model.apply(v, x, train=False), variables), "compact": (fn, cv)},
         x, repeats=LATENCY_REPEATS,
@@ -505,6 +510,7 @@ def constraint_latency(cfg, s: Setup, variables, masks, ss: SearchSetup, pattern
     dense_ms, comp_ms = float(r["dense"]["median_ms"]), float(r["compact"]["median_ms"])
     return {"latency_table_backend": table.key["backend"], "latency_table_batch": b,
             "latency_table_lowering": table.key["lowering"],
+            "latency_table_lowered_layers": len(table.layer_lowerings(ss.graph)),
             "latency_predicted_dense_ms": float(table.dense_ms),
             "latency_predicted_ms": float(pred["latency_ms"]),
             "latency_predicted_reduction": float(pred["latency_reduction"]),

@@ -49,3 +49,16 @@ def test_input_pipeline_benchmark_runs_reduced(tmp_path):
     assert [(r["pipeline"], r["workers"]) for r in rows] == [
         ("imagenet", 0), ("imagenet", 1), ("cifar", 0), ("cifar", 0)]  # fmt: skip
     assert all(r["img_per_s"] > 0 for r in rows)
+
+
+def test_latency_table_benchmark_runs_reduced(tmp_path):
+    # predicted vs measured latency of decoded candidates, in the taps lowering
+    out = tmp_path / "table.json"
+    subprocess.run([sys.executable, str(BENCH / "latency.py"), "--models", "resnet8_tiny",
+                    "--batches", "1", "--parts", "table", "--table-lowerings", "taps",
+                    "--table-targets", "0.2", "--table-random", "1", "--repeats", "1",
+                    "--taps-min-width", "0", "--json", str(out)], check=True, timeout=600)  # fmt: skip
+    (row,) = json.loads(out.read_text())["table"]
+    assert row["lowering"] == "taps" and row["lowered_layers"] > 0
+    assert [c["candidate"] for c in row["candidates"]] == ["t0.2_uniform", "t0.2_r1"]
+    assert all(c["measured_ms"] > 0 and c["predicted_ms"] > 0 for c in row["candidates"])

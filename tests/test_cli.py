@@ -239,6 +239,27 @@ def test_resnet20_cifar10_smoke_on_shared_data(tmp_path, tmp_path_factory, monke
     assert row["pruned_weights_exactly_zero"] is True
 
 
+def test_latency_constraint_in_the_taps_lowering_through_the_main_job(tmp_path, capsys):
+    # the table models the pattern-grouped (taps) lowering; the chosen model is compacted so and
+    # timed, beside the prediction
+    from conftest import SMOKE_MAIN_JOB
+
+    wd = tmp_path / "lat"
+    argv = ["run", "--workdir", str(wd), *SMOKE_MAIN_JOB, "--config.search.constraint=latency",
+            "--config.search.target_latency=0.3", "--config.search.tolerance=0.2",
+            "--config.search.latency_lowering=taps"]  # fmt: skip
+    assert cli.main(argv) == 0
+    row = json.load(open(wd / "report" / "results.json"))["row"]
+    assert row["target_measure"] == "latency" and row["latency_table_lowering"] == "taps"
+    assert row["latency_table_lowered_layers"] > 0
+    assert abs(row["latency_predicted_reduction"] - 0.3) <= 0.2 + 1e-6
+    assert row["latency_measured_ms"] > 0 and row["latency_predicted_ms"] > 0
+    table = json.load(open(wd / "search" / "latency_table.json"))
+    assert table["key"]["lowering"] == "taps" and "taps" in table["lowerings"]
+    assert cli.main([*argv[:3], *SMOKE_MAIN_JOB, "--config.search.latency_lowering=pallas"]) == 2
+    assert "latency_lowering='pallas' is not one of" in capsys.readouterr().err
+
+
 def test_autocompress_method_through_the_main_job(tmp_path, capsys):
     wd = str(tmp_path / "ac")
     argv = ["run", "--workdir", wd, *SMOKE, "--method", "autocompress",

@@ -21,13 +21,21 @@ from sculpt_jax.models import get_model, init_model
 MODELS = ("resnet8_tiny", "mobilenet_v2_tiny")
 
 
-def _cost(c_in, c_out):
-    return 1e-3 * c_in * c_out + 0.01
+def _cost(c_in, c_out, unit=None):
+    """A filter op 1e-3 * c_in * c_out + 0.01 ms; a grouped unit its share of the 9 taps (one tap,
+    or its box's cells) of the same, plus the same 0.01 per op."""
+    cells = 9 if unit is None else 1 if unit == "tap" else _box_cells(unit)
+    return 1e-3 * c_in * c_out * cells / 9 + 0.01
+
+
+def _box_cells(unit):
+    r0, r1, c0, c1 = (int(v) for v in unit.split(":")[1:])
+    return (r1 - r0 + 1) * (c1 - c0 + 1)
 
 
 class FakeTimer:
-    """Deterministic milliseconds: a layer costs 1e-3 * c_in * c_out + 0.01 (nothing is built or
-    run), the dense model 1.1 x the sum of its layers at full width."""
+    """Deterministic milliseconds (`_cost`; nothing is built or run), the dense model 1.1 x the
+    sum of its layers at full width."""
 
     def __init__(self, lg):
         self.calls = 0
@@ -39,7 +47,7 @@ class FakeTimer:
         self.calls += 1
         if info["layer"] is None:
             return self.dense
-        return _cost(info["c_in"], info["c_out"])
+        return _cost(info["c_in"], info["c_out"], info.get("unit"))
 
 
 def _setup(name):
@@ -91,10 +99,12 @@ def test_table_is_cached_and_invalidated(zoo):
         latency.check_table(table, latency.table_key(lg, batch=1, backend="fake:gpu"))
 
 
-def test_grouped_lowering_is_refused_by_name(zoo):
+def test_unknown_lowering_and_negative_min_width_are_refused(zoo):
     lg = zoo[3]
     with pytest.raises(ValueError, match="filters"):
-        latency.table_key(lg, batch=1, lowering="grouped")
+        latency.table_key(lg, batch=1, lowering="pallas")
+    with pytest.raises(ValueError, match="min_width must be >= 0"):
+        latency.table_key(lg, batch=1, lowering="taps", min_width=-1)
 
 
 def test_prediction_dense_equals_measured_and_is_monotone(zoo):
@@ -148,3 +158,133 @@ def test_json_round_trip_and_malformed():
     assert back.key == t.key and back.rest_ms == t.rest_ms
     with pytest.raises(ValueError, match="not a latency table"):
         latency.from_json({"key": {}})
+
+
+def test_depthwise_entries_are_timed_at_their_own_width():
+    # each diagonal entry of a depthwise table is its own width's op (a rebinding bug once timed
+    # every entry of a row at the row's first width)
+    model, variables, x, lg = _setup("mobilenet_v2_tiny")[:4]
+    t = latency.measure_table(lg, model.apply, variables, x, timer=FakeTimer(lg), backend="f")
+    dw = [la for la in lg.layers if latency._is_depthwise(la)]
+    assert dw
+    for la in dw:
+        w = t.in_widths[la.index]
+        np.testing.assert_allclose(np.diag(t.ms[la.index])[1:], [_cost(c, c) for c in w[1:]])
+
+
+# --- pattern-grouped lowerings ("taps" / "grouped") -------------------------------------------
+
+
+def _hand_ms(lg, lib, table, layer_ids):
+    """The fake timer's model evaluated directly: T_rest + filter layers at their widths + every
+    unit of a grouped layer at (full inputs, its filter count). Valid when no filter is removed
+    (every input width is full), where the table's interpolation is exact for `_cost`."""
+    total = table.rest_ms
+    for la, low, ids in zip(lg.layers, table.lowerings, layer_ids, strict=True):
+        if low == "filters":
+            c = (min(la.in_features, la.out_features),) * 2 if latency._is_depthwise(la) else (
+                la.in_features, la.out_features)
+            total += _cost(*c)
+            continue
+        ops, u = latency.layer_units(low, lib)
+        counts = np.bincount(np.asarray(ids), minlength=lib.n_patterns)
+        for op, row in zip(ops, u, strict=True):
+            n = int(row @ counts)
+            total += _cost(la.in_features, n, op) if n else 0.0
+    return total
+
+
+@pytest.mark.parametrize("lowering", ["taps", "grouped"])
+def test_grouped_table_predicts_the_sum_of_its_units(zoo, lowering):
+    model, variables, x, lg, lib, spec, order, *_ = zoo
+    widths = sorted({la.out_features for la in lg.layers if latency.unit_lowering_ok(la, lib)})
+    min_width = widths[len(widths) // 2]  # the thinner 3x3 convs stay on filters
+    table = latency.measure_table(lg, model.apply, variables, x, timer=FakeTimer(lg),
+                                  backend="fake:cpu", lowering=lowering, min_width=min_width)  # fmt: skip
+    for la, low in zip(lg.layers, table.lowerings, strict=True):
+        takes = latency.unit_lowering_ok(la, lib) and la.out_features >= min_width
+        assert low == (lowering if takes else "filters"), la.name
+    assert set(table.layer_lowerings(lg)) == {la.name for la, low in zip(lg.layers,
+                                              table.lowerings, strict=True) if low != "filters"}
+    assert table.layer_lowerings(lg)  # something took the lowering
+    n_units = 9 if lowering == "taps" else 5  # reference6: 9 taps; 5 non-empty footprints
+    for m, u in zip(table.ms, table.units, strict=True):
+        if u is not None:
+            assert m.shape[0] == n_units and u.shape == (n_units, lib.n_patterns)
+            assert (m[:, :, 0] == 0).all() and (np.diff(m, axis=2) >= 0).all()
+    predict = jax.jit(latency.make_predictor(lg, table, lib))
+    rng = np.random.default_rng(0)
+    for _ in range(5):  # random non-removing patterns: the prediction is the hand sum
+        ids = [rng.integers(1, lib.n_patterns, la.out_features).astype(np.int32)
+               if pat.valid_patterns(la, lib).all() else np.full(la.out_features, lib.keep_id)
+               for la in lg.layers]  # fmt: skip
+        want = _hand_ms(lg, lib, table, ids)
+        assert float(predict(tuple(jnp.asarray(i) for i in ids))) == pytest.approx(want, rel=1e-5)
+    # JSON round trip keeps units and lowerings; a cache of another min width is re-measured
+    back = latency.from_json(json.loads(json.dumps(latency.to_json(table))))
+    assert back.lowerings == table.lowerings and back.key == table.key
+    for a, b in zip(back.units, table.units, strict=True):
+        assert (a is None and b is None) or np.array_equal(a, b)
+    kw = dict(timer=FakeTimer(lg), backend="fake:cpu", lowering=lowering)
+    _, fresh = latency.cached_or_measure(latency.to_json(table), lg, model.apply, variables, x,
+                                         min_width=min_width, **kw)  # fmt: skip
+    assert not fresh
+    _, fresh = latency.cached_or_measure(latency.to_json(table), lg, model.apply, variables, x,
+                                         min_width=min_width + 1, **kw)  # fmt: skip
+    assert fresh
+    # the decoder reaches a latency target in this lowering for random proposals
+    d = decode.make_decoder(spec, order, lib, target=0.3, kind="latency", tolerance=0.01,
+                            latency_table=table)  # fmt: skip
+    props = 1.5 * jax.random.normal(jax.random.PRNGKey(1), (12, *d.action_mask.shape))
+    _, info = jax.jit(jax.vmap(d.decode))(props.at[0].set(0.0))
+    red = np.asarray(info["latency_reduction"])
+    assert np.all(np.abs(red - 0.3) <= 0.01), red
+    with pytest.raises(ValueError, match="pattern library"):
+        latency.make_predictor(lg, table, "figure8")
+
+
+@pytest.mark.parametrize("name", ["resnet8_tiny", "vgg_tiny"])
+def test_unit_ops_are_the_lowered_convs_pieces(name):
+    # the op a unit times is the piece of the conv the lowering runs: the tap op equals the conv
+    # whose kernel keeps only tap (0, 0), the box op the conv whose kernel is zero outside the box
+    _, _, _, lg, lib, *_ = _setup(name)
+    convs = [la for la in lg.layers if latency.unit_lowering_ok(la, lib)]
+    assert any(s != 1 for la in convs for s in la.strides) or name == "vgg_tiny"
+    for la in convs:
+        k = jax.random.split(jax.random.PRNGKey(la.index), 2)
+        x = jax.random.normal(k[0], (2, *la.in_spatial, 3))
+        full = jax.random.normal(k[1], (3, 3, 3, 4))
+        ops, _ = latency.layer_units("grouped", lib)
+        for op in ["tap", *ops]:
+            fn, _ = latency.unit_op(la, op, 3, 4, 2)
+            if op == "tap":
+                w, kernel = full[0, 0], jnp.zeros_like(full).at[0, 0].set(full[0, 0])
+            else:
+                r0, r1, c0, c1 = (int(v) for v in op.split(":")[1:])
+                w = full[r0:r1 + 1, c0:c1 + 1]
+                kernel = jnp.zeros_like(full).at[r0:r1 + 1, c0:c1 + 1].set(w)
+            want = jax.lax.conv_general_dilated(x, kernel, la.strides, la.padding,
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+            np.testing.assert_allclose(np.asarray(fn(x, w)), np.asarray(want), atol=1e-5)
+
+
+def test_table_lowerings_rebuild_the_compacted_model_it_models():
+    # compaction with the table's layer_lowerings runs exactly those convs on the lowering, and
+    # still equals the masked model
+    from sculpt_jax import compaction, masking
+
+    model, variables, x, lg, lib, *_ = _setup("resnet8_tiny")
+    table = latency.measure_table(lg, model.apply, variables, x, timer=FakeTimer(lg),
+                                  backend="fake:cpu", lowering="taps")  # fmt: skip
+    rng = np.random.default_rng(1)
+    ids = tuple(rng.integers(0, lib.n_patterns, la.out_features).astype(np.int32)
+                if pat.valid_patterns(la, lib).all() else np.full(la.out_features, lib.keep_id)
+                for la in lg.layers)  # fmt: skip
+    masks = masking.pattern_ids_to_masks(lg, variables["params"], ids, lib)
+    xs = jax.random.normal(jax.random.PRNGKey(2), (3, 32, 32, 3))
+    fn, cv, info = compaction.compact(model.apply, variables, lg, masks, xs[:1],
+                                      layer_lowerings=table.layer_lowerings(lg))  # fmt: skip
+    lowered = {li["name"] for li in info["layers"] if li.get("lowering") == "taps"}
+    assert lowered == set(table.layer_lowerings(lg))
+    want = model.apply(masking.apply_masks(variables, masks), xs, train=False)
+    np.testing.assert_allclose(np.asarray(fn(cv, xs)), np.asarray(want), atol=1e-4)
