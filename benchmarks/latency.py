@@ -380,14 +380,15 @@ def bench_cropping(batch, repeats):
     return {"full": full, "crop": crop, "split": sp}
 
 
-def bench_table(name, batch, lowerings, min_width, targets, n_random, repeats):
+def bench_table(name, batch, lowerings, min_width, targets, n_random, repeats, calibrate=True):
     """Predicted vs measured latency of the latency-constrained decoder's choices, per table
     lowering: the table is measured here (`latency.measure_table`, real timer), random mixture
     proposals (and the uniform one) are decoded at each target latency reduction, each decoded
     model is compacted as its table models it (`LatencyTable.layer_lowerings`, align 1) and all
     of them are timed round-robin with the dense model. One row per lowering: per candidate the
     predicted and measured reduction, their mean absolute error and the rank correlation of
-    predicted and measured ms."""
+    predicted and measured ms. `calibrate`: T_rest from the unpruned compacted model
+    (`compaction.unpruned_build`, as the pipeline does) rather than from the dense model."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -406,13 +407,21 @@ def bench_table(name, batch, lowerings, min_width, targets, n_random, repeats):
     rows = []
     for low in lowerings:
         t0 = time.perf_counter()
+        lows = latency.table_lowerings(graph, low, min_width)
+        pinned = {la.name: w for la, w in zip(graph.layers, lows, strict=True) if w != "filters"}
+        unpruned = compaction.unpruned_build(model.apply, v, graph, x1, batch=batch,
+                                             layer_lowerings=pinned) if calibrate else None  # fmt: skip
         table = latency.measure_table(graph, model.apply, v, x1, batch=batch, timer=timer,
-                                      lowering=low, min_width=min_width)  # fmt: skip
+                                      lowering=low, min_width=min_width, unpruned=unpruned)  # fmt: skip
         secs = time.perf_counter() - t0
         named, cands = {"dense": (lambda v_, x_: model.apply(v_, x_, train=False), v)}, []
         for target in targets:
-            d = decode.make_decoder(spec, order, lib, target=target, kind="latency",
-                                    latency_table=table)  # fmt: skip
+            try:
+                d = decode.make_decoder(spec, order, lib, target=target, kind="latency",
+                                        latency_table=table)  # fmt: skip
+            except ValueError as e:  # a target this lowering cannot reach: said, skipped
+                print(f"# {name} {low}: {e}")
+                continue
             props = jax.random.normal(jax.random.key(1), (n_random + 1, *d.action_mask.shape))
             ids, info = jax.jit(jax.vmap(d.decode))(props.at[0].set(0.0))
             for k in range(n_random + 1):
@@ -434,6 +443,9 @@ def bench_table(name, batch, lowerings, min_width, targets, n_random, repeats):
         rank = np.corrcoef(*(np.argsort(np.argsort([c[f] for c in per]))
                              for f in ("predicted_ms", "measured_ms")))[0, 1]  # fmt: skip
         rows.append({"model": name, "batch": batch, "lowering": low, "min_width": min_width,
+                     "calibrated": calibrate, "predicted_unpruned_ms": float(
+                         latency.make_predictor(graph, table, lib)(tuple(
+                             jnp.full((la.out_features,), lib.keep_id) for la in graph.layers))),
                      "lowered_layers": len(table.layer_lowerings(graph)), "table_seconds": secs,
                      "table_dense_ms": table.dense_ms, "measured_dense_ms": dense,
                      "mean_abs_error": err, "spearman": float(rank), "candidates": per})  # fmt: skip
@@ -472,6 +484,8 @@ def main(argv=None) -> None:
                    help="the table part's target latency reductions")
     p.add_argument("--table-random", type=int, default=3,
                    help="random proposals per target in the table part (plus the uniform one)")
+    p.add_argument("--table-uncalibrated", action="store_true",
+                   help="table part: T_rest from the dense model, not the unpruned compacted one")
     args = p.parse_args(argv)
     header("latency: dense vs masked vs compacted")
     out = {}
@@ -491,7 +505,8 @@ def main(argv=None) -> None:
     if "table" in args.parts:
         out["table"] = [row for name in args.models for row in bench_table(
             name, args.batches[0], args.table_lowerings, args.taps_min_width,
-            args.table_targets, args.table_random, args.repeats)]  # fmt: skip
+            args.table_targets, args.table_random, args.repeats,
+            not args.table_uncalibrated)]  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -170,8 +170,9 @@ def make_decoder(
         kind it adds latency_ms / latency_reduction to the measures).
     Raises:
       ValueError: a bad tolerance, target or kind, a latency kind without a table (or a region
-        library), or a target above what pruning every prunable filter as far as its valid
-        patterns allow reaches (the message gives that maximum).
+        library), a target above what pruning every prunable filter as far as its valid
+        patterns allow reaches (the message gives that maximum), or one below what the unpruned
+        model already gives (a latency table calibrated on a compacted model faster than dense).
     """
     lib = pat.get_library(library)
     if kind not in MEASURES:
@@ -324,11 +325,19 @@ def make_decoder(
     full = np.full((spec.n_nodes,), -1, np.int32)  # every layer at its most aggressive pattern
     for li, nodes in enumerate(spec.layer_nodes):
         full[nodes] = by_aggression[np.flatnonzero(layer_valid[li][by_aggression])[0]]
-    max_red = float(jax.jit(measure)(jnp.asarray(full))[key])
+    measure_j = jax.jit(measure)
+    max_red = float(measure_j(jnp.asarray(full))[key])
     if target > max_red:
         raise ValueError(
             f"target {kind} reduction {target} is not reachable: pruning every prunable filter as "
             f"far as the {lib.name!r} patterns allow gives {max_red:.4f}; choose a target below it"
+        )
+    min_red = float(measure_j(keep_ids)[key])  # 0 but for a latency table calibrated below dense
+    if target < min_red:
+        raise ValueError(
+            f"target {kind} reduction {target} is below what the unpruned model already gives "
+            f"({min_red:.4f}: the compacted form the latency table models runs faster than the "
+            f"dense model); choose a target above it"
         )
     return Decoder(action_mask, int(action_mask.sum()), decode, decode_scores, measure, fractions,
                    ids_at, float(target), float(tolerance), kind, max_red)  # fmt: skip

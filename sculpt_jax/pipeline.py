@@ -464,17 +464,26 @@ def latency_table(cfg, s: Setup, lg, variables):
     search.latency_min_width, batch search.latency_batch): read from `latency_table_path` when its
     `latency.table_key` matches (model shapes, backend platform and device kind, JAX version,
     batch, lowering, grid, min width, library), else measured here (every prunable layer, or its
-    grouped units, on its width grid, then the dense model) and written there. The dense model
-    timed is the raw network (`s.model.apply`, normalisation excluded), as the compacted model
-    `run` measures against it."""
+    grouped units, on its width grid, then the dense model, and the unpruned model as compaction
+    replays it, which calibrates T_rest) and written there. The dense model timed is the raw
+    network (`s.model.apply`, normalisation excluded), as the compacted model `run` measures
+    against it."""
+    from sculpt_jax import compaction as compact_lib
+
     path = latency_table_path(cfg)
     if shd.is_primary():  # in a multi-process job process 0 alone times, the others read its table
         cached = ckpt.load_json(path) if paths_lib.isfile(path) else None
+        sc, x1 = cfg.search, jnp.zeros((1, *s.input_shape), s.input_dtype)
+        opts = dict(batch=int(sc.get("latency_batch", 1)), library=sc.library,
+                    lowering=sc.get("latency_lowering", "filters"),
+                    min_width=int(sc.get("latency_min_width", 0)))  # fmt: skip
+        lows = latency_lib.table_lowerings(lg, opts["lowering"], opts["min_width"], sc.library)
+        pinned = {la.name: low for la, low in zip(lg.layers, lows, strict=True) if low != "filters"}
         table, fresh = latency_lib.cached_or_measure(
-            cached, lg, s.model.apply, variables, jnp.zeros((1, *s.input_shape), s.input_dtype),
-            batch=int(cfg.search.get("latency_batch", 1)), timer=_latency_timer,
-            lowering=cfg.search.get("latency_lowering", "filters"),
-            min_width=int(cfg.search.get("latency_min_width", 0)), library=cfg.search.library,
+            cached, lg, s.model.apply, variables, x1, timer=_latency_timer,
+            unpruned=compact_lib.unpruned_build(s.model.apply, variables, lg, x1,
+                                                batch=opts["batch"], layer_lowerings=pinned),
+            **opts,
         )  # fmt: skip
         if fresh:
             log.info("latency table measured on %s: dense %.3f ms, rest %.3f ms -> %s",
@@ -1015,19 +1024,21 @@ def load_export(path: str, like_variables) -> tuple[Any, Any, dict]:
 
 
 def measure_latency(s: Setup, variables, masks, ss: SearchSetup, compact_dir: str,
-                    batches=(1, 256), align: int = 0, lowering: str = "filters") -> dict:  # fmt: skip
+                    batches=(1, 256), align: int = 0, lowering: str = "filters",
+                    layer_lowerings: dict | None = None) -> dict:  # fmt: skip
     """Compacts the pruned model (exported to `compact_dir`, loadable without masks; output filters
     stored in multiples of `align`, 0 = `compaction.auto_align()`; convs in `lowering`, "auto"
-    timed at the largest of `batches`) and measures dense / masked / compacted latency on this
-    device; returns flat ``latency_*`` row keys (and ``compact_lowering_layers``: how many convs
-    run in each lowering)."""
+    timed at the largest of `batches`; `layer_lowerings` pins single convs, as `compact`) and
+    measures dense / masked / compacted latency on this device; returns flat ``latency_*`` row
+    keys (and ``compact_lowering_layers``: how many convs run in each lowering)."""
     from sculpt_jax import compaction as compact_lib
 
     # The raw model on normalised input: normalisation is not part of the pruned network.
     x = data_lib.normalize(s.splits.test.arrays[0][:1], s.splits.mean, s.splits.std)
     align = align or compact_lib.auto_align()
     compacted = compact_lib.compact(s.model.apply, variables, ss.graph, masks, x, align=align,
-                                    lowering=lowering, auto_batch=max(batches))  # fmt: skip
+                                    lowering=lowering, auto_batch=max(batches),
+                                    layer_lowerings=layer_lowerings)  # fmt: skip
     compact_lib.save_compact(compact_dir, compacted[1], compacted[2])
     rep = compact_lib.latency_report(s.model.apply, variables, ss.graph, masks, x,
                                      batches=batches, compacted=compacted)  # fmt: skip
@@ -1093,18 +1104,22 @@ def run(cfg, *, overwrite: bool = False) -> dict:
     fin = finetune(cfg, overwrite=overwrite, s=s, variables=pre["variables"], searched=searched)
     dense_test = ft.evaluate(_eval_step(s), pre["variables"], *s.splits.test.arrays,
                              _eval_batch(s))["accuracy"]  # fmt: skip
-    latency = {}
+    latency, pinned = {}, None
     if search_target(cfg)[1] == "latency":  # predicted vs measured, as the table models it
-        k = fin["summary"]["chosen_candidate"]
+        k, ss = fin["summary"]["chosen_candidate"], searched["search_setup"]
         latency.update(constraint_latency(
             cfg, s, jax.device_get(fin["variables"]), jax.device_get(fin["masks"]),
-            searched["search_setup"], searched["best"][k]["pattern_ids"]))  # fmt: skip
+            ss, searched["best"][k]["pattern_ids"]))  # fmt: skip
+        # the export runs the convs the search timed in a grouped lowering in that lowering
+        table = latency_lib.from_json(ckpt.load_json(latency_table_path(cfg)))  # written above
+        pinned = table.layer_lowerings(ss.graph)
     if cfg.report.latency:  # on one device: host copies of the (possibly replicated) arrays
         latency.update(measure_latency(s, jax.device_get(fin["variables"]),
                                   jax.device_get(fin["masks"]), searched["search_setup"],
                                   os.path.join(cfg.workdir, "export", "compact"),
                                   align=cfg.report.get("compact_align", 0),
-                                  lowering=cfg.report.get("compact_lowering", "filters")))  # fmt: skip
+                                  lowering=cfg.report.get("compact_lowering", "filters"),
+                                  layer_lowerings=pinned))  # fmt: skip
     wd = paths_lib.resolve(cfg.workdir)
     row = dict(fin["summary"], **latency,
                target_measure=searched["summary"].get("target_measure", "flops"),

@@ -248,10 +248,12 @@ def test_latency_constraint_in_the_taps_lowering_through_the_main_job(tmp_path, 
     argv = ["run", "--workdir", str(wd), *SMOKE_MAIN_JOB, "--config.search.constraint=latency",
             "--config.search.target_latency=0.3", "--config.search.tolerance=0.2",
             "--config.search.latency_lowering=taps"]  # fmt: skip
-    assert cli.main(argv) == 0
+    assert cli.main([*argv, "--config.report.latency=true"]) == 0
     row = json.load(open(wd / "report" / "results.json"))["row"]
     assert row["target_measure"] == "latency" and row["latency_table_lowering"] == "taps"
     assert row["latency_table_lowered_layers"] > 0
+    # the export runs those convs on taps too (the rest on report.compact_lowering, filters)
+    assert row["compact_lowering_layers"]["taps"] == row["latency_table_lowered_layers"]
     assert abs(row["latency_predicted_reduction"] - 0.3) <= 0.2 + 1e-6
     assert row["latency_measured_ms"] > 0 and row["latency_predicted_ms"] > 0
     table = json.load(open(wd / "search" / "latency_table.json"))

@@ -288,3 +288,42 @@ def test_table_lowerings_rebuild_the_compacted_model_it_models():
     assert lowered == set(table.layer_lowerings(lg))
     want = model.apply(masking.apply_masks(variables, masks), xs, train=False)
     np.testing.assert_allclose(np.asarray(fn(cv, xs)), np.asarray(want), atol=1e-4)
+
+
+def test_rest_calibrated_on_the_unpruned_compacted_model(zoo):
+    # where compaction's replay of the unpruned model runs faster than the dense model (XLA:CPU on
+    # VGG), T_rest comes from it: the prediction at no pruning is its time, reductions stay
+    # against dense, and a target below what compaction alone gives is refused
+    model, variables, x, lg, lib, spec, order, *_ = zoo
+    timer = FakeTimer(lg)
+
+    def calibrated(build, info):
+        return 0.6 * timer.dense if info.get("unit") == "model" else timer(build, info)
+
+    built = []
+    table = latency.measure_table(lg, model.apply, variables, x, timer=calibrated,
+                                  backend="fake:cpu", unpruned=lambda: built.append(1))  # fmt: skip
+    assert not built  # the fake timer builds nothing
+    dense = tuple(jnp.full((la.out_features,), lib.keep_id, jnp.int32) for la in lg.layers)
+    predict = jax.jit(latency.make_predictor(lg, table, lib))
+    assert float(predict(dense)) == pytest.approx(0.6 * timer.dense, rel=1e-5)
+    assert table.dense_ms == pytest.approx(timer.dense)
+    with pytest.raises(ValueError, match=r"below what the unpruned model already gives \(0.4"):
+        decode.make_decoder(spec, order, lib, target=0.3, kind="latency", latency_table=table)
+    d = decode.make_decoder(spec, order, lib, target=0.55, kind="latency", tolerance=0.02,
+                            latency_table=table)  # fmt: skip
+    _, info = jax.jit(d.decode)(jnp.zeros(d.action_mask.shape))
+    assert abs(float(info["latency_reduction"]) - 0.55) <= 0.02
+
+
+def test_unpruned_build_runs_the_compacted_dense_model():
+    from sculpt_jax import compaction
+
+    model, variables, x, lg, lib, *_ = _setup("resnet8_tiny")
+    lows = latency.table_lowerings(lg, "taps", 0, lib)
+    pinned = {la.name: w for la, w in zip(lg.layers, lows, strict=True) if w != "filters"}
+    fn, (cv, xb) = compaction.unpruned_build(model.apply, variables, lg, x, batch=3,
+                                             layer_lowerings=pinned)()  # fmt: skip
+    assert xb.shape == (3, 32, 32, 3)
+    want = model.apply(variables, xb, train=False)
+    np.testing.assert_allclose(np.asarray(fn(cv, xb)), np.asarray(want), atol=1e-4)
