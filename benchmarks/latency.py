@@ -433,6 +433,8 @@ def bench_table(name, batch, lowerings, min_width, targets, n_random, repeats, c
                 named[key] = (fn, cv)
                 cands.append((key, target, float(info["latency_ms"][k]),
                               float(info["flops_reduction"][k])))  # fmt: skip
+        if not cands:
+            continue
         r = compaction.measure_latencies(named, x, repeats=repeats)
         dense = r["dense"]["median_ms"]
         per = [{"candidate": k, "target": tg, "predicted_ms": p, "measured_ms": r[k]["median_ms"],

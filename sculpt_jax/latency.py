@@ -387,17 +387,21 @@ def measure_table(
     total = 1 + sum((len(a) - 1) * (len(b) - 1) * len(unit_of.get(i, ([None],))[0])
                     for i, (a, b) in enumerate(plans))  # fmt: skip
     t = _Timings(timer or time_fn, batch, total, progress)
-    tables, units, full = [], [], []
+    keep = pat.get_library(library).keep_id
+    tables, units, full, unpruned_entry = [], [], [], []
     for layer, (win, wout) in zip(graph.layers, plans, strict=True):
         if layer.index not in unit_of:
             tables.append(_grid_table(t, layer, win, wout))
             units.append(None)
             full.append(tables[-1][-1, -1])
+            unpruned_entry.append(full[-1])
             continue
         ops, u = unit_of[layer.index]
         tables.append(np.stack([_grid_table(t, layer, win, wout, op) for op in ops]))
         units.append(u)
         full.append(t(layer, layer.in_features, layer.out_features))  # the dense filter op
+        # unpruned, every filter keeps all: the units of the keep pattern run at full width
+        unpruned_entry.append(float(np.sum(u[:, keep] * tables[-1][:, -1, -1])))
 
     def build_dense():
         x = jnp.zeros((batch, *np.shape(sample_input)[1:]), jnp.asarray(sample_input).dtype)
@@ -406,10 +410,10 @@ def measure_table(
     dense_ms = float(t.timer(build_dense, {"layer": None, "c_in": 0, "c_out": 0, "unit": None}))
     if progress is not None:
         progress(total, total)
-    base_ms = dense_ms
-    if unpruned is not None:
+    rest = dense_ms - float(sum(full))  # the dense model runs every layer's filter op
+    if unpruned is not None:  # the unpruned model in the table's lowerings runs their units
         base_ms = float(t.timer(unpruned, {"layer": None, "c_in": 0, "c_out": 0, "unit": "model"}))
-    rest = base_ms - float(sum(full))
+        rest = base_ms - float(sum(unpruned_entry))
     return LatencyTable(key, tuple(p[0] for p in plans), tuple(p[1] for p in plans),
                         tuple(tables), dense_ms, rest, lows, tuple(units))  # fmt: skip
 

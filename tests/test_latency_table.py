@@ -290,7 +290,8 @@ def test_table_lowerings_rebuild_the_compacted_model_it_models():
     np.testing.assert_allclose(np.asarray(fn(cv, xs)), np.asarray(want), atol=1e-4)
 
 
-def test_rest_calibrated_on_the_unpruned_compacted_model(zoo):
+@pytest.mark.parametrize("lowering", ["filters", "taps"])
+def test_rest_calibrated_on_the_unpruned_compacted_model(zoo, lowering):
     # where compaction's replay of the unpruned model runs faster than the dense model (XLA:CPU on
     # VGG), T_rest comes from it: the prediction at no pruning is its time, reductions stay
     # against dense, and a target below what compaction alone gives is refused
@@ -302,7 +303,9 @@ def test_rest_calibrated_on_the_unpruned_compacted_model(zoo):
 
     built = []
     table = latency.measure_table(lg, model.apply, variables, x, timer=calibrated,
-                                  backend="fake:cpu", unpruned=lambda: built.append(1))  # fmt: skip
+                                  backend="fake:cpu", unpruned=lambda: built.append(1),
+                                  lowering=lowering)  # fmt: skip
+    assert set(table.lowerings) == ({"filters"} if lowering == "filters" else {"filters", "taps"})
     assert not built  # the fake timer builds nothing
     dense = tuple(jnp.full((la.out_features,), lib.keep_id, jnp.int32) for la in lg.layers)
     predict = jax.jit(latency.make_predictor(lg, table, lib))
