@@ -1390,14 +1390,17 @@ def _site_op(interp: _Interp, eid: str):
 def unpruned_build(apply_fn, variables, graph: LayerGraph, sample_input, *, batch: int = 1,
                    layer_lowerings: Mapping[str, str] | None = None) -> Callable:
     """``build() -> (jitted fn, args)`` running the UNPRUNED model as `compact` replays it
-    (no masks, align 1, `layer_lowerings` pinned) on a random batch of `batch` (host): the
+    (no masks, align 1, `layer_lowerings` pinned) on a random batch of `batch` (zeros for an
+    integer input dtype; host): the
     `latency.measure_table(unpruned=...)` calibration of a latency table."""
 
     def build():
         x1 = jax.ShapeDtypeStruct((1, *np.shape(sample_input)[1:]), jnp.asarray(sample_input).dtype)
         fn, cv, _ = compact(apply_fn, variables, graph, None, jnp.zeros(x1.shape, x1.dtype),
                             align=1, layer_lowerings=layer_lowerings)  # fmt: skip
-        x = jax.random.normal(jax.random.key(0), (batch, *x1.shape[1:]), x1.dtype)
+        shape = (batch, *x1.shape[1:])
+        x = (jax.random.normal(jax.random.key(0), shape, x1.dtype)
+             if jnp.issubdtype(x1.dtype, jnp.floating) else jnp.zeros(shape, x1.dtype))  # fmt: skip
         return fn, (jax.tree.map(jnp.asarray, cv), x)
 
     return build
