@@ -407,8 +407,7 @@ def bench_table(name, batch, lowerings, min_width, targets, n_random, repeats, c
     rows = []
     for low in lowerings:
         t0 = time.perf_counter()
-        lows = latency.table_lowerings(graph, low, min_width)
-        pinned = {la.name: w for la, w in zip(graph.layers, lows, strict=True) if w != "filters"}
+        pinned = latency.lowered_layers(graph, latency.table_lowerings(graph, low, min_width))
         unpruned = compaction.unpruned_build(model.apply, v, graph, x1, batch=batch,
                                              layer_lowerings=pinned) if calibrate else None  # fmt: skip
         table = latency.measure_table(graph, model.apply, v, x1, batch=batch, timer=timer,

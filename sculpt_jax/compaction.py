@@ -75,8 +75,8 @@ lowering a reference6 model stores no kernel zeros at all (per-layer ``groups`` 
 kernels' shapes).
 
 Host-only: `compact`, `choose_lowerings`, `auto_align`, `save_compact`, `load_compact`,
-`measure_latency`, `measure_latencies`, `latency_report`, `unpruned_build`. The returned ``compact_apply_fn`` is jittable. Sections:
-AutoSculpt (arXiv 2412.18091) Sec. 4 (acceleration of pattern-pruned models by compaction);
+`measure_latency`, `measure_latencies`, `latency_report`, `unpruned_build`. The returned
+``compact_apply_fn`` is jittable. Sections: AutoSculpt (arXiv 2412.18091) Sec. 4 (acceleration of pattern-pruned models by compaction);
 latency measurement and `align` are ours.
 """
 
@@ -1389,15 +1389,14 @@ def _site_op(interp: _Interp, eid: str):
 
 def unpruned_build(apply_fn, variables, graph: LayerGraph, sample_input, *, batch: int = 1,
                    layer_lowerings: Mapping[str, str] | None = None) -> Callable:
-    """``build() -> (jitted fn, args)`` running the UNPRUNED model as `compact` replays it
-    (no masks, align 1, `layer_lowerings` pinned) on a random batch of `batch` (zeros for an
-    integer input dtype; host): the
-    `latency.measure_table(unpruned=...)` calibration of a latency table."""
+    """``build() -> (jitted fn, args)`` running the UNPRUNED model as `compact` replays it (no
+    masks, align 1, `layer_lowerings` pinned) on a random batch of `batch` (zeros for an integer
+    input dtype; host): the `latency.measure_table(unpruned=...)` calibration of a latency table."""
 
     def build():
-        x1 = jax.ShapeDtypeStruct((1, *np.shape(sample_input)[1:]), jnp.asarray(sample_input).dtype)
-        fn, cv, _ = compact(apply_fn, variables, graph, None, jnp.zeros(x1.shape, x1.dtype),
-                            align=1, layer_lowerings=layer_lowerings)  # fmt: skip
+        x1 = jnp.zeros((1, *np.shape(sample_input)[1:]), jnp.asarray(sample_input).dtype)
+        fn, cv, _ = compact(apply_fn, variables, graph, None, x1, align=1,
+                            layer_lowerings=layer_lowerings)  # fmt: skip
         shape = (batch, *x1.shape[1:])
         x = (jax.random.normal(jax.random.key(0), shape, x1.dtype)
              if jnp.issubdtype(x1.dtype, jnp.floating) else jnp.zeros(shape, x1.dtype))  # fmt: skip

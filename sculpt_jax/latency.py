@@ -45,9 +45,11 @@ timed alone on the (c_in, n) grid, with n = 1 added to it (an op's launch cost i
 one-filter group pays) and ``T_lu(., 0) = 0`` (an empty group runs nothing). Such a prediction is
 not monotone in the decoder's shift (a filter moving to a footprint no other filter has starts an
 op), which the decoder tolerates (its bisection keeps a bracket; on-budget is checked per
-decode). ``T_rest`` stays the dense model minus its per-layer FILTER entries at full width, so the
-reduction is against the dense model as it runs unpruned (a tap-lowered model can predict slower
-than dense). The residual gathers of coupled grouped convs (`compaction`'s ``group_coupled``) are
+decode). Uncalibrated, ``T_rest`` stays the dense model minus its per-layer FILTER entries at full
+width (the dense model runs filter ops); calibrated (``unpruned``), it is the unpruned model in the
+table's lowerings minus the units it runs (the keep pattern's, at full width). Either way the
+reduction is against the dense model (a tap-lowered model can predict slower than dense). The
+residual gathers of coupled grouped convs (`compaction`'s ``group_coupled``) are
 not modelled: the pipeline reports predicted beside measured latency.
 
 A table is measured once per model and backend: `table_key` names what it depends on (the layer
@@ -92,8 +94,8 @@ class LatencyTable(NamedTuple):
     ``[n_in]`` / ``[n_out]`` strictly increasing, starting at 0. ms: per layer float ``[n_in,
     n_out]`` milliseconds (a layer on the filter lowering) or ``[n_units, n_in, n_out]`` (a layer
     on a pattern-grouped lowering: one table per unit), non-decreasing along both width axes.
-    dense_ms: the whole dense model. rest_ms: dense_ms minus the dense per-layer filter entries
-    (the constant T_rest). lowerings: per layer "filters" or the table's grouped lowering (empty
+    dense_ms: the whole dense model. rest_ms: the constant T_rest (dense_ms minus the dense
+    per-layer filter entries, or, calibrated, the unpruned compacted model minus its entries). lowerings: per layer "filters" or the table's grouped lowering (empty
     = all "filters"). units: per layer None (filters) or float ``[n_units, P]`` 0/1, which
     patterns' filters each unit runs (`layer_units`).
     """
@@ -108,10 +110,9 @@ class LatencyTable(NamedTuple):
     units: tuple[np.ndarray | None, ...] = ()
 
     def layer_lowerings(self, graph: LayerGraph) -> dict[str, str]:
-        """``{layer name: lowering}`` of the layers not on the filter lowering: what
-        `compaction.compact(layer_lowerings=...)` takes to build the model this table models."""
-        return {la.name: low for la, low in zip(graph.layers, self.lowerings, strict=True)
-                if low != "filters"}  # fmt: skip
+        """`lowered_layers` of this table: what `compaction.compact(layer_lowerings=...)` takes
+        to build the model this table models."""
+        return lowered_layers(graph, self.lowerings or ("filters",) * graph.n_layers)
 
 
 def _is_depthwise(layer: Layer) -> bool:
@@ -301,6 +302,13 @@ def table_lowerings(graph: LayerGraph, lowering: str = "filters", min_width: int
                  for layer in graph.layers)  # fmt: skip
 
 
+def lowered_layers(graph: LayerGraph, lowerings: Sequence[str]) -> dict[str, str]:
+    """``{layer name: lowering}`` of the layers not on the filter lowering (host), from per-layer
+    `lowerings` (`table_lowerings`): `compaction.compact`'s ``layer_lowerings``."""
+    return {la.name: low for la, low in zip(graph.layers, lowerings, strict=True)
+            if low != "filters"}  # fmt: skip
+
+
 class _Timings:
     """Memoised table entries of one measurement: equal signatures are timed once (host)."""
 
@@ -467,7 +475,7 @@ def cached_or_measure(cached: dict | None, graph: LayerGraph, apply_fn: Callable
                       unpruned: Callable | None = None) -> tuple[LatencyTable, bool]:  # fmt: skip
     """(table, measured_now): the `to_json` dict `cached` when it was measured for this model,
     backend, batch, grid, lowering, min width and library (`table_key`), else a fresh
-    `measure_table` (host; the caller reads and writes the cache file). A malformed cache is
+    `measure_table` (`unpruned` as there; host; the caller reads and writes the cache file). A malformed cache is
     re-measured too."""
     opts = dict(batch=batch, backend=backend, grid=grid, lowering=lowering, min_width=min_width,
                 library=library)  # fmt: skip

@@ -477,8 +477,8 @@ def latency_table(cfg, s: Setup, lg, variables):
         opts = dict(batch=int(sc.get("latency_batch", 1)), library=sc.library,
                     lowering=sc.get("latency_lowering", "filters"),
                     min_width=int(sc.get("latency_min_width", 0)))  # fmt: skip
-        lows = latency_lib.table_lowerings(lg, opts["lowering"], opts["min_width"], sc.library)
-        pinned = {la.name: low for la, low in zip(lg.layers, lows, strict=True) if low != "filters"}
+        pinned = latency_lib.lowered_layers(lg, latency_lib.table_lowerings(
+            lg, opts["lowering"], opts["min_width"], sc.library))  # fmt: skip
         table, fresh = latency_lib.cached_or_measure(
             cached, lg, s.model.apply, variables, x1, timer=_latency_timer,
             unpruned=compact_lib.unpruned_build(s.model.apply, variables, lg, x1,

@@ -206,7 +206,7 @@ def test_grouped_table_predicts_the_sum_of_its_units(zoo, lowering):
         assert low == (lowering if takes else "filters"), la.name
     assert set(table.layer_lowerings(lg)) == {la.name for la, low in zip(lg.layers,
                                               table.lowerings, strict=True) if low != "filters"}
-    assert table.layer_lowerings(lg)  # something took the lowering
+    assert set(table.layer_lowerings(lg).values()) == {lowering}  # something took the lowering
     n_units = 9 if lowering == "taps" else 5  # reference6: 9 taps; 5 non-empty footprints
     for m, u in zip(table.ms, table.units, strict=True):
         if u is not None:
@@ -323,8 +323,8 @@ def test_unpruned_build_runs_the_compacted_dense_model():
     from sculpt_jax import compaction
 
     model, variables, x, lg, lib, *_ = _setup("resnet8_tiny")
-    lows = latency.table_lowerings(lg, "taps", 0, lib)
-    pinned = {la.name: w for la, w in zip(lg.layers, lows, strict=True) if w != "filters"}
+    pinned = latency.lowered_layers(lg, latency.table_lowerings(lg, "taps", 0, lib))
+    assert pinned and set(pinned.values()) == {"taps"}
     fn, (cv, xb) = compaction.unpruned_build(model.apply, variables, lg, x, batch=3,
                                              layer_lowerings=pinned)()  # fmt: skip
     assert xb.shape == (3, 32, 32, 3)
